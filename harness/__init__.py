@@ -1,0 +1,1 @@
+"""The matrix harness: cells, their environments, the runner and the reports."""
