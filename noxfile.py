@@ -31,5 +31,6 @@ def tests(session: nox.Session) -> None:
     session.log("building/reusing the tests venv (.envs/tests), sharing the base torch")
     env = ensure_env("tests", _requirements(ROOT / "requirements" / "tests.txt"))
     args = session.posargs or ["tests"]
-    session.run(str(env.python), "-m", "pytest", "-p", "no:cacheprovider", *args, external=True,
+    session.run(str(env.python), "-m", "pytest", "-p", "no:cacheprovider", "-p", "harness.pytest_plugin", *args,
+                external=True,
                 env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
