@@ -92,7 +92,7 @@ def _common(v: Variant) -> dict:
 
 def _family_fields(family: str, v: Variant) -> dict:
     """Per-family config fields (transformers.md §7, dims from the variant)."""
-    h, i, hd, dense = v.hidden, v.inter, v.head_dim, v.dense_inter
+    i, hd, dense = v.inter, v.head_dim, v.dense_inter
     qwen_linear_attn = dict(
         linear_num_key_heads=2,
         linear_num_value_heads=2,
