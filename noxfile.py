@@ -2,6 +2,15 @@
 
 Every session uses ``venv_backend="none"``: the harness builds its own venvs (``harness/envs.py``) so that each
 shares the base interpreter's torch through a .pth file and never installs one.
+
+* ``tests`` (default, CI): the whole suite against the newest upstream releases (requirements/tests.txt).
+* ``matrix``: every cell of ``matrices/default.toml``, each in its own venv, then one report in
+  ``reports/runs/<run-id>/`` (``reports/latest``). Options after ``--`` go to ``python -m harness.cli run``:
+  ``--matrix extended``, ``--cells t5.x-platest,t4.57-p0.18``, ``--jobs 2``, ``--quick``, ``--baseline PATH``,
+  ``--timeout S``, ``--pytest-args "-k reload"``.
+* ``cell(<id>)``: one cell of the default matrix alone, e.g. ``nox -s "cell(t5.x-platest)"``; same options as
+  ``matrix``. ``nox -l --json -t cell`` lists the cells as JSON (CI fans out one job per entry).
+* ``report``: merge per-cell records into one report: ``nox -s report -- DIR_OR_JSON... [--baseline PATH]``.
 """
 
 from __future__ import annotations
@@ -14,8 +23,12 @@ import nox
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from harness.matrix import load_matrix  # noqa: E402  (needs ROOT on sys.path)
+
 nox.options.default_venv_backend = "none"
 nox.options.sessions = ["tests"]
+
+DEFAULT_CELLS = [c.id for c in load_matrix("default").cells()]
 
 
 def _requirements(path: Path) -> list[str]:
@@ -34,3 +47,25 @@ def tests(session: nox.Session) -> None:
     session.run(str(env.python), "-m", "pytest", "-p", "no:cacheprovider", "-p", "harness.pytest_plugin", *args,
                 external=True,
                 env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+
+@nox.session(venv_backend="none", default=False)
+def matrix(session: nox.Session) -> None:
+    """Every cell of the default matrix (or `-- --matrix extended`) in its own venv, then the merged report."""
+    session.run(sys.executable, "-m", "harness.cli", "run", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none", default=False, tags=["cell"])
+@nox.parametrize("cell", DEFAULT_CELLS, ids=DEFAULT_CELLS)
+def cell(session: nox.Session, cell: str) -> None:
+    """One cell of the default matrix in its own venv, with its report (one CI job per cell)."""
+    session.run(sys.executable, "-m", "harness.cli", "run", "--cells", cell, "--jobs", "1", *session.posargs,
+                external=True)
+
+
+@nox.session(venv_backend="none", default=False)
+def report(session: nox.Session) -> None:
+    """Merge per-cell records (cells/<id>.json, e.g. CI artifacts) into one report: `-- DIR... [--baseline P]`."""
+    if not session.posargs:
+        session.error("usage: nox -s report -- DIR_OR_CELL_JSON... [--out DIR] [--baseline summary.json]")
+    session.run(sys.executable, "-m", "harness.cli", "merge", *session.posargs, external=True)

@@ -73,25 +73,35 @@ def _run(cmd: list[str], *, log: Path | None = None, timeout: float = 1800) -> s
     return out
 
 
-def ensure_env(name: str, requirements: list[str], *, log: Path | None = None, envs_dir: Path = ENVS_DIR) -> CellEnv:
+def is_current(name: str, requirements: list[str], *, envs_dir: Path = ENVS_DIR) -> bool:
+    """True when ``envs_dir/name`` exists and was built from exactly these requirement pins (it will be reused)."""
+    env = CellEnv(name, envs_dir / name)
+    stamp = env.path / ".moe-compat-key"
+    return stamp.exists() and stamp.read_text().strip() == requirements_key(requirements) and env.python.exists()
+
+
+def ensure_env(name: str, requirements: list[str], *, log: Path | None = None, envs_dir: Path = ENVS_DIR,
+               timeout: float = 1800) -> CellEnv:
     """Create (or reuse, when the pins are unchanged) the venv ``envs_dir/name`` with ``requirements``.
 
+    ``timeout`` bounds each command (venv creation, pip install); on expiry ``subprocess.TimeoutExpired`` propagates.
     The venv is built in a temporary sibling directory and renamed into place, so an interrupted build
     never leaves a half-made venv that a later run would trust.
     """
     env = CellEnv(name, envs_dir / name)
     key = requirements_key(requirements)
     stamp = env.path / ".moe-compat-key"
-    if stamp.exists() and stamp.read_text().strip() == key and env.python.exists():
+    if is_current(name, requirements, envs_dir=envs_dir):
         return env
     envs_dir.mkdir(parents=True, exist_ok=True)
     tmp = envs_dir / f".{name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
-    _run([str(base_interpreter()), "-m", "venv", str(tmp)], log=log)
+    _run([str(base_interpreter()), "-m", "venv", str(tmp)], log=log, timeout=timeout)
     tmp_env = CellEnv(name, tmp)
     (tmp_env.site_packages / PTH_NAME).write_text(str(base_site_packages()) + "\n")
     if requirements:
-        _run([str(tmp_env.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements], log=log)
+        _run([str(tmp_env.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+             log=log, timeout=timeout)
     _check_shared_torch(tmp_env)
     # venv scripts hard-code their interpreter path; we only ever call `python -m ...`, so the rename is safe.
     shutil.rmtree(env.path, ignore_errors=True)

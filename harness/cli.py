@@ -1,0 +1,163 @@
+"""Command line of the matrix harness (the nox sessions call it; CI calls ``merge``).
+
+    python -m harness.cli run   [--matrix default|extended|PATH] [--cells ID,ID] [--jobs 2] [--quick]
+                                [--baseline summary.json] [--timeout S] [--install-timeout S] [--run-id ID]
+                                [--reports DIR] [--tests PATH ...] [--pytest-args "..."]
+    python -m harness.cli merge DIR_OR_CELL_JSON... [--out DIR] [--baseline summary.json] [--run-id ID]
+                                [--matrix NAME] [--summary-to FILE]     (e.g. --summary-to "$GITHUB_STEP_SUMMARY")
+    python -m harness.cli list  [--matrix NAME] [--resolve]
+
+Exit codes: 0 gate passed; 1 gate failed (unexpected failure, error cell, or regression against the baseline);
+2 bad invocation or unusable inputs (unknown cell, malformed matrix, no cell files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from harness import report
+from harness.matrix import CachedSource, MatrixError, ResolveError, load_matrix, pypi_versions, resolve_cell
+from harness.runner import ROOT, Progress, RunOptions, host_info, run_cells
+
+REPORTS = ROOT / "reports"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v for item in values or [] for v in item.replace(",", " ").split()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness.cli", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run matrix cells and write the merged report")
+    run.add_argument("--matrix", default="default")
+    run.add_argument("--cells", action="append", help="cell ids (comma separated or repeated); default: all")
+    run.add_argument("--jobs", type=int, default=2, help="cells in parallel (default 2)")
+    run.add_argument("--quick", action="store_true", help="pass --quick to pytest")
+    run.add_argument("--baseline", type=Path, help="an earlier summary.json to diff against")
+    run.add_argument("--timeout", type=float, help="test-phase timeout per cell in seconds (default: the matrix's)")
+    run.add_argument("--install-timeout", type=float, help="install timeout per cell (default: the matrix's)")
+    run.add_argument("--run-id")
+    run.add_argument("--reports", type=Path, default=REPORTS, help="reports directory (default reports/)")
+    run.add_argument("--tests", nargs="+", help="pytest paths instead of the matrix's `tests`")
+    run.add_argument("--pytest-args", default="", help="extra pytest arguments, one shell-quoted string")
+    merge = sub.add_parser("merge", help="merge per-cell records (cells/<id>.json) into one report")
+    merge.add_argument("inputs", nargs="+", type=Path)
+    merge.add_argument("--out", type=Path, help="report directory (default reports/runs/<run-id>)")
+    merge.add_argument("--baseline", type=Path)
+    merge.add_argument("--run-id")
+    merge.add_argument("--matrix", help="matrix name/path for cell order (default: the cells' own)")
+    merge.add_argument("--summary-to", type=Path, help="append summary.md to this file (e.g. $GITHUB_STEP_SUMMARY)")
+    ls = sub.add_parser("list", help="list the cells of a matrix")
+    ls.add_argument("--matrix", default="default")
+    ls.add_argument("--resolve", action="store_true", help="also resolve the specs against PyPI")
+    return p
+
+
+def _finish(summary: dict, out_dir: Path, baseline: Path | None, latest: Path | None,
+            summary_to: Path | None = None) -> int:
+    base = report.load_summary(baseline) if baseline else None
+    code = report.attach_gate(summary, base, str(baseline) if baseline else None)
+    paths = report.write_report(summary, out_dir, latest=latest)
+    if summary_to is not None:
+        with summary_to.open("a") as f:
+            f.write(paths["md"].read_text())
+    print_table(summary)
+    print(f"report: {paths['md']}\n        {paths['html']}\n        {paths['json']}")
+    print(f"gate: {'PASS' if code == 0 else 'FAIL'} (exit {code})" + "".join(f"\n  - {r}" for r in
+                                                                          summary["gate"]["reasons"]))
+    return code
+
+
+def print_table(summary: dict) -> None:
+    """The final cells table for a person at a terminal."""
+    rows = [("cell", "status", "checks", "time", "message")]
+    for c in summary["cells"]:
+        msg = (c.get("message") or "").strip().splitlines()
+        rows.append((c["id"], c["status"], report._cell_counts(c), f"{c.get('duration_s', 0):.0f}s",
+                     (msg[0][:90] if msg else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    matrix = load_matrix(args.matrix)
+    cells = matrix.cells()
+    if args.cells:
+        wanted = _split(args.cells)
+        known = {c.id for c in cells}
+        missing = [w for w in wanted if w not in known]
+        if missing:
+            raise MatrixError(f"unknown cell(s) {missing} in matrix {matrix.name}; cells: {', '.join(sorted(known))}")
+        cells = [c for c in cells if c.id in wanted]
+    run_id = args.run_id or report.new_run_id(matrix.name)
+    run_dir = args.reports / "runs" / run_id
+    opts = RunOptions(quick=args.quick, jobs=args.jobs, timeout_s=args.timeout, install_timeout_s=args.install_timeout,
+                      pytest_args=tuple(shlex.split(args.pytest_args)),
+                      tests=tuple(args.tests) if args.tests else None, host=host_info())
+    started = _now()
+    print(f"matrix {matrix.name}: {len(cells)} cell(s), {opts.jobs} in parallel -> {run_dir}", flush=True)
+    t0 = time.monotonic()
+    records = run_cells(matrix, cells, source=CachedSource(pypi_versions), run_dir=run_dir, opts=opts,
+                        progress=Progress())
+    summary = report.build_summary(
+        records, run_id=run_id, host=opts.host, started=started, finished=_now(),
+        matrix={"name": matrix.name, "path": str(matrix.path), "description": matrix.description,
+                "tests": list(opts.tests or matrix.tests)},
+        options={"quick": opts.quick, "jobs": opts.jobs, "cells": [c.id for c in cells],
+                 "wall_s": round(time.monotonic() - t0, 1)})
+    return _finish(summary, run_dir, args.baseline, args.reports / "latest")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    cells = report.load_cells(args.inputs)
+    names = {c.get("matrix") for c in cells}
+    mname = args.matrix or (names.pop() if len(names) == 1 else None)
+    order, meta = None, {"name": mname or "mixed"}
+    if mname is not None:
+        m = load_matrix(mname)
+        order = [c.id for c in m.cells()]
+        meta = {"name": m.name, "path": str(m.path), "description": m.description, "tests": list(m.tests)}
+    run_id = args.run_id or report.new_run_id(meta["name"]) + "-merged"
+    out = args.out or REPORTS / "runs" / run_id
+    summary = report.build_summary(report.order_cells(cells, order), run_id=run_id, matrix=meta, host=None,
+                                   options={"merged_from": [str(p) for p in args.inputs]})
+    latest = REPORTS / "latest" if args.out is None else None
+    return _finish(summary, out, args.baseline, latest, args.summary_to)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    matrix = load_matrix(args.matrix)
+    source = CachedSource(pypi_versions)
+    for cell in matrix.cells():
+        line = f"{cell.id:20s} " + " ".join(f"{p}{s if s != 'latest' else ' latest'}" for p, s in cell.specs.items())
+        if args.resolve:
+            res = resolve_cell(cell, source)
+            line += "  -> " + (" ".join(res.requirements()) if res.ok else "unreleased: "
+                               + "; ".join(res.unreleased.values()))
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "merge": cmd_merge, "list": cmd_list}[args.cmd](args)
+    except (MatrixError, report.ReportError, ResolveError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
