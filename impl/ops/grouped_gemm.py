@@ -1,0 +1,368 @@
+"""One Triton grouped GEMM for MoE experts, with the weight dequantization fused into the K loop.
+
+Problem (rows already sorted by expert; ``offsets`` = int32 cumulative END offsets ``[E]``, as `reference.dispatch`)::
+
+    not trans:  y[m, :] = x[m, :] @ W_e.T      x [S, C] -> y [S, R]     (forward of F.linear-layout W [E, R, C])
+    trans:      y[m, :] = x[m, :] @ W_e        x [S, R] -> y [S, C]     (input gradient of the same layer)
+
+for ``offsets[e-1] <= m < offsets[e]``, plus an optional fused LoRA epilogue
+``y[m, :] += lora_scale * la[m, :] @ lb_e`` with ``la [S, r]`` and ``lb [E, r, out]``.
+
+Weight formats (`GroupedWeight`):
+
+- ``bf16``: ``W [E, R, C]`` (any strides);
+- ``nf4``: bitsandbytes NF4 of the flattened ``[E, R, C]`` tensor: ``packed`` uint8 ``[E·R·C/2]`` (first element in the
+  HIGH nibble), fp32 ``absmax [E·R·C/64]`` (blocksize 64; a double-quantized absmax is de-nested ONCE at load time with
+  `reference.nf4.absmax_of`), the 16-entry ``code``. Needs ``C % 64 == 0`` (every block lies in one row).
+- ``fp8_block``: e4m3 ``q [E, R, C]`` and fp32 ``scale_inv [E, ceil(R/128), ceil(C/128)]`` (dequant multiplier); the
+  activation is quantized per row and per 128 reduction columns inside the kernel (1x128, ``scale = max(amax/448,
+  1e-12)``), as ``reference.fp8.quantize_fp8_block(x, block=(1, 128))`` does.
+
+The tile schedule is built inside the kernel from ``offsets`` (no host sync): program ``(pid_n, pid_m)`` finds its expert
+by a prefix sum over ``ceil(count_e / BM)``; programs past the last tile exit at once. Experts with no rows get no
+tiles. Rows past ``offsets[-1]`` are not written.
+
+Under ``TRITON_INTERPRET=1`` (CPU) pass ``dot_fp32=True``: the interpreter's bf16/fp8 ``tl.dot`` is unreliable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+FMT_BF16 = "bf16"
+FMT_NF4 = "nf4"
+FMT_FP8 = "fp8_block"
+_FMT_ID = {FMT_BF16: 0, FMT_NF4: 1, FMT_FP8: 2}
+NF4_BLOCK = 64
+FP8_BLOCK = 128
+E4M3_MAX = 448.0
+FP8_EPS = 1e-12
+
+
+@dataclass
+class GroupedWeight:
+    """Expert weights of logical shape ``[E, R, C]`` (F.linear layout: R = out features, C = in features).
+
+    fmt: FMT_BF16 (data = W), FMT_NF4 (data = packed uint8 flat, scale = fp32 absmax flat, code = fp32 [16]) or
+    FMT_FP8 (data = e4m3 [E, R, C], scale = fp32 scale_inv [E, ceil(R/128), ceil(C/128)]).
+    """
+
+    fmt: str
+    shape: tuple[int, int, int]
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    code: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        E, R, C = self.shape
+        if self.fmt == FMT_BF16:
+            if tuple(self.data.shape) != (E, R, C):
+                raise ValueError(f"bf16 weight: data shape {tuple(self.data.shape)} != {self.shape}")
+        elif self.fmt == FMT_NF4:
+            n = E * R * C
+            if C % NF4_BLOCK:
+                raise ValueError(f"nf4 weight {self.shape}: C={C} must be a multiple of the blocksize {NF4_BLOCK}")
+            if self.data.dtype != torch.uint8 or self.data.numel() != n // 2:
+                raise ValueError(f"nf4 packed must be uint8 with {n // 2} bytes, got {self.data.dtype} {self.data.numel()}")
+            if self.scale is None or self.scale.dtype != torch.float32 or self.scale.numel() != n // NF4_BLOCK:
+                raise ValueError(f"nf4 absmax must be fp32 with {n // NF4_BLOCK} entries (de-nested), got "
+                                 f"{None if self.scale is None else (self.scale.dtype, self.scale.numel())}")
+            if self.code is None or self.code.numel() != 16 or self.code.dtype != torch.float32:
+                raise ValueError("nf4 code must be fp32 [16]")
+        elif self.fmt == FMT_FP8:
+            if self.data.dtype != torch.float8_e4m3fn or tuple(self.data.shape) != (E, R, C):
+                raise ValueError(f"fp8 weight must be float8_e4m3fn {self.shape}, got {self.data.dtype} {tuple(self.data.shape)}")
+            grid = (E, -(-R // FP8_BLOCK), -(-C // FP8_BLOCK))
+            if self.scale is None or tuple(self.scale.shape) != grid or self.scale.dtype != torch.float32:
+                raise ValueError(f"fp8 scale_inv must be fp32 {grid}, got "
+                                 f"{None if self.scale is None else (self.scale.dtype, tuple(self.scale.shape))}")
+        else:
+            raise ValueError(f"unknown weight format {self.fmt!r}; expected one of {sorted(_FMT_ID)}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        if self.scale is not None:
+            n += self.scale.numel() * self.scale.element_size()
+        return n
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes of one launch. BK is the reduction tile; nf4 needs its contiguous-axis tile >= 64 and a multiple
+    of 64 (BK when not trans, BN when trans); fp8 needs BK == 128."""
+
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# ----------------------------------------------------------------------------------------------------- kernel pieces
+
+
+@triton.jit
+def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rows, cols0, R, C, COLS: tl.constexpr):
+    """fp32 [ROWS, COLS] of W_e[rows, cols0:cols0+COLS]; e_base = e*R*C (even); cols0 % 64 == 0; C % 64 == 0."""
+    HALF: tl.constexpr = COLS // 2
+    cb = cols0 // 2 + tl.arange(0, HALF)
+    rmask = rows < R
+    bmask = rmask[:, None] & (cb < C // 2)[None, :]
+    byte_off = e_base // 2 + rows.to(tl.int64)[:, None] * (C // 2) + cb[None, :]
+    byte = tl.load(packed_ptr + byte_off, mask=bmask, other=0).to(tl.int32)
+    hi = (byte >> 4) & 15
+    lo = byte & 15
+    codes = tl.interleave(hi, lo)  # first element in the high nibble
+    vals = tl.load(code_ptr + codes)
+    NB: tl.constexpr = COLS // 64
+    sb = cols0 // 64 + tl.arange(0, NB)
+    s_off = e_base // 64 + rows.to(tl.int64)[:, None] * (C // 64) + sb[None, :]
+    am = tl.load(absmax_ptr + s_off, mask=rmask[:, None] & (sb < C // 64)[None, :], other=0.0)
+    if NB == 1:
+        vals = vals * tl.reshape(am, (rows.shape[0], 1))
+    else:
+        vals = tl.reshape(tl.reshape(vals, (rows.shape[0], NB, 64)) * am[:, :, None], (rows.shape[0], COLS))
+    return vals
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    x_ptr, stride_xm, stride_xk,
+    w_ptr, stride_we, stride_wr, stride_wc,
+    s_ptr, stride_se, stride_sr, stride_sc,
+    code_ptr,
+    y_ptr, stride_ym, stride_yn,
+    offs_ptr,
+    la_ptr, stride_lam, stride_lar,
+    lb_ptr, stride_lbe, stride_lbr, stride_lbn,
+    lora_scale, RANK,
+    E: tl.constexpr, R: tl.constexpr, C: tl.constexpr, NOUT: tl.constexpr, KRED: tl.constexpr,
+    WFMT: tl.constexpr, TRANS: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr,
+    E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    # ---- tile schedule from the END offsets (no host sync)
+    eidx = tl.arange(0, E_P2)
+    ends = tl.load(offs_ptr + eidx, mask=eidx < E, other=0)
+    starts = tl.load(offs_ptr + eidx - 1, mask=(eidx > 0) & (eidx < E), other=0)
+    tiles = tl.where(eidx < E, (ends - starts + BM - 1) // BM, 0)
+    cum = tl.cumsum(tiles, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32))
+    if e >= E:
+        return
+    sel = eidx == e
+    tile0 = tl.sum(tl.where(sel, cum - tiles, 0))
+    row_start = tl.sum(tl.where(sel, starts, 0)) + (pid_m - tile0) * BM
+    row_end = tl.sum(tl.where(sel, ends, 0))
+
+    rm = row_start + tl.arange(0, BM)
+    mmask = rm < row_end
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < NOUT
+    rm64 = rm.to(tl.int64)
+    e64 = e.to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, KRED, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < KRED
+        a = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if WFMT == 0:
+            if TRANS:  # element (k, n) = W[e, k, n]
+                b = tl.load(w_ptr + e64 * stride_we + rk[:, None] * stride_wr + rn[None, :] * stride_wc,
+                            mask=kmask[:, None] & nmask[None, :], other=0.0)
+            else:  # element (k, n) = W[e, n, k]
+                b = tl.load(w_ptr + e64 * stride_we + rn[None, :] * stride_wr + rk[:, None] * stride_wc,
+                            mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+            else:
+                acc = tl.dot(a, b.to(a.dtype), acc)
+        elif WFMT == 1:
+            e_base = e64 * R * C
+            if TRANS:  # rows = k (R axis), cols = n (C axis, contiguous)
+                wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rk, pid_n * BN, R, C, BN)
+            else:  # rows = n (R axis), cols = k (C axis, contiguous)
+                wt = tl.trans(_nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK))
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), wt)
+            else:
+                acc = tl.dot(a, wt.to(a.dtype), acc)
+        else:
+            # 1x128 activation quantization in registers, then an fp8 dot and the two block scales.
+            af = a.to(tl.float32)
+            amax = tl.max(tl.abs(af), axis=1)
+            xs = tl.maximum(amax / 448.0, 1e-12)
+            aqf = tl.clamp(af / xs[:, None], -448.0, 448.0)
+            if DOT_FP32:
+                # The interpreter's fp32 -> e4m3 cast is wrong when the mantissa rounds up (e.g. 126.2 -> 64):
+                # round to the e4m3 grid in fp32 arithmetic instead (3 mantissa bits, subnormal step 2^-9).
+                ex = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(aqf), 1e-30))), -6.0)
+                step = tl.exp2(ex - 3.0)
+                aq = tl.floor(aqf / step + 0.5) * step
+            else:
+                aq = aqf.to(tl.float8e4nv)
+            if TRANS:
+                b = tl.load(w_ptr + e64 * stride_we + rk[:, None] * stride_wr + rn[None, :] * stride_wc,
+                            mask=kmask[:, None] & nmask[None, :], other=0.0)
+                ws = tl.load(s_ptr + e64 * stride_se + (k0 // 128) * stride_sr + (rn // 128) * stride_sc,
+                             mask=nmask, other=0.0)
+            else:
+                b = tl.load(w_ptr + e64 * stride_we + rn[None, :] * stride_wr + rk[:, None] * stride_wc,
+                            mask=kmask[:, None] & nmask[None, :], other=0.0)
+                ws = tl.load(s_ptr + e64 * stride_se + (rn // 128) * stride_sr + (k0 // 128) * stride_sc,
+                             mask=nmask, other=0.0)
+            if DOT_FP32:
+                part = tl.dot(aq, b.to(tl.float32))
+            else:
+                part = tl.dot(aq, b)
+            acc += part * xs[:, None] * ws[None, :]
+    if HAS_LORA:
+        rr = tl.arange(0, RANK_P)
+        rmask = rr < RANK
+        la = tl.load(la_ptr + rm64[:, None] * stride_lam + rr[None, :] * stride_lar,
+                     mask=mmask[:, None] & rmask[None, :], other=0.0)
+        lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + rn[None, :] * stride_lbn,
+                     mask=rmask[:, None] & nmask[None, :], other=0.0)
+        if DOT_FP32:
+            acc += lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32))
+        else:
+            acc += lora_scale * tl.dot(la, lb.to(la.dtype))
+    tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------- python API
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def interpret_mode() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int) -> TileConfig:
+    """Heuristic block sizes by the mean rows per expert (``rows / E``): decode (weight streaming), mid, prefill."""
+    per_expert = rows / max(1, num_experts)
+    if fmt == FMT_FP8:
+        if per_expert <= 16:
+            return TileConfig(16, 64, 128, 4, 4)
+        if per_expert <= 128:
+            return TileConfig(64, 128, 128, 4, 3)
+        return TileConfig(128, 128, 128, 8, 3)
+    if fmt == FMT_NF4:
+        if per_expert <= 16:
+            return TileConfig(16, 64, 128, 4, 4)
+        if per_expert <= 128:
+            return TileConfig(64, 64, 128, 4, 3)
+        return TileConfig(128, 128, 64, 8, 3)
+    if per_expert <= 16:
+        return TileConfig(16, 64, 128, 4, 4)
+    if per_expert <= 128:
+        return TileConfig(64, 128, 64, 4, 3)
+    return TileConfig(128, 128, 64, 8, 3)
+
+
+def grouped_mm(
+    x: torch.Tensor,
+    weight: GroupedWeight,
+    offsets: torch.Tensor,
+    *,
+    trans: bool = False,
+    lora_in: torch.Tensor | None = None,
+    lora_out: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+    out: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+    dot_fp32: bool | None = None,
+) -> torch.Tensor:
+    """Grouped ``x @ W_e.T`` (``trans=False``: x [S, C] -> [S, R]) or ``x @ W_e`` (``trans=True``: x [S, R] -> [S, C]).
+
+    offsets: int32 [E] END offsets on x's device (``offsets[-1] <= S``; rows past it are left unwritten).
+    lora_in [S, r] and lora_out [E, r, out] (any strides) add ``lora_scale * lora_in[m] @ lora_out[e]`` to each row.
+    Output dtype: x's dtype (bf16/fp16/fp32). ``dot_fp32`` defaults to True under TRITON_INTERPRET=1.
+    """
+    E, R, C = weight.shape
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [S, K], got shape {tuple(x.shape)}")
+    S, kred = x.shape
+    nout, want_k = (C, R) if trans else (R, C)
+    if kred != want_k:
+        raise ValueError(f"x {tuple(x.shape)} does not match weight {weight.shape} (trans={trans}): need K={want_k}")
+    if offsets.dtype != torch.int32 or offsets.shape != (E,):
+        raise ValueError(f"offsets must be int32 [E={E}], got {offsets.dtype} {tuple(offsets.shape)}")
+    if offsets.device != x.device:
+        raise ValueError(f"offsets on {offsets.device}, x on {x.device}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x dtype {x.dtype} not supported (bf16/fp16/fp32)")
+    if dot_fp32 is None:
+        dot_fp32 = interpret_mode()
+    cfg = config or default_config(weight.fmt, trans, S, E, nout)
+    if weight.fmt == FMT_FP8 and cfg.BK != FP8_BLOCK:
+        raise ValueError(f"fp8_block needs BK == 128, got {cfg}")
+    if weight.fmt == FMT_NF4:
+        contig = cfg.BN if trans else cfg.BK
+        if contig % NF4_BLOCK:
+            raise ValueError(f"nf4 needs {'BN' if trans else 'BK'} % 64 == 0, got {cfg}")
+    if out is None:
+        out = torch.empty((S, nout), dtype=x.dtype, device=x.device)
+    elif out.shape != (S, nout):
+        raise ValueError(f"out shape {tuple(out.shape)} != {(S, nout)}")
+    has_lora = lora_in is not None
+    if has_lora:
+        if lora_out is None:
+            raise ValueError("lora_in given without lora_out")
+        r = lora_in.shape[1]
+        if lora_in.shape != (S, r) or lora_out.shape != (E, r, nout):
+            raise ValueError(f"lora_in {tuple(lora_in.shape)} / lora_out {tuple(lora_out.shape)} do not match "
+                             f"S={S}, E={E}, out={nout}")
+        rank_p = max(16, _next_pow2(r))
+        la, lb = lora_in, lora_out
+    else:
+        r, rank_p = 0, 16
+        la, lb = x, x.new_empty((1, 1, 1))
+    w = weight.data
+    if weight.fmt == FMT_NF4:
+        ws = (0, 0, 0)
+        ss = (0, 0, 0)
+        s_t, code = weight.scale, weight.code
+    elif weight.fmt == FMT_FP8:
+        ws = w.stride()
+        ss = weight.scale.stride()
+        s_t, code = weight.scale, x.new_empty(1, dtype=torch.float32)
+    else:
+        ws = w.stride()
+        ss = (0, 0, 0)
+        s_t, code = x.new_empty(1, dtype=torch.float32), x.new_empty(1, dtype=torch.float32)
+    if S == 0:
+        return out
+    grid = (triton.cdiv(nout, cfg.BN), triton.cdiv(S, cfg.BM) + E)
+    _grouped_gemm_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        w, ws[0], ws[1], ws[2],
+        s_t, ss[0], ss[1], ss[2],
+        code,
+        out, out.stride(0), out.stride(1),
+        offsets,
+        la, la.stride(0), la.stride(1),
+        lb, lb.stride(0), lb.stride(1), lb.stride(2),
+        float(lora_scale), r,
+        E, R, C, nout, kred,
+        WFMT=_FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, RANK_P=rank_p,
+        E_P2=max(16, _next_pow2(E)), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_FP32=dot_fp32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,92 @@
+"""Grouped expert linear with a frozen (bf16 / NF4 / FP8) base and a per-expert LoRA fused into the base GEMM.
+
+For expert e, rows ``x_e`` (sorted by expert, ``offsets`` int32 END offsets)::
+
+    y_e = x_e @ W_e.T + s · (x_e @ A_e.T) @ B_e.T        W [E, R, C], A_e [r, C], B_e [R, r]
+
+which is PEFT's fused_linear (swapped-orientation, stride-E) adapter: ``lora_A [r·E, C]``, ``lora_B [R, r·E]``,
+``A_e = lora_A[e·r:(e+1)·r]``, ``B_e = lora_B[:, e::E]`` (see `reference.lora`).
+
+Launches (no per-expert Python loop; experts with no rows cost nothing; any rank r, padded in-kernel to >= 16):
+
+- forward: ``xa = grouped_mm(x, A)`` ``[S, r]``, then the base GEMM with the epilogue ``+ s · xa @ B_e.T``;
+- backward (frozen base): ``dyb = dy @ B_e`` ``[S, r]``, ``dx = dy @ W_e + s · dyb @ A_e`` (one kernel, the base
+  dequantized in the K loop again), ``dA_e = s · dyb_e.T x_e``, ``dB_e = s · dy_e.T xa_e`` (grouped reductions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, grouped_mm
+from impl.ops.grouped_wgrad import grouped_wgrad
+
+
+def _bf16(t: torch.Tensor) -> GroupedWeight:
+    return GroupedWeight(FMT_BF16, tuple(t.shape), t)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a_e, b_e, weight: GroupedWeight, offsets, scaling: float):
+        has_lora = a_e is not None
+        if has_lora:
+            a_c = a_e.to(x.dtype).contiguous()  # [E, r, C]
+            b_c = b_e.to(x.dtype).contiguous()  # [E, R, r]
+            xa = grouped_mm(x, _bf16(a_c), offsets)  # [S, r]
+            y = grouped_mm(x, weight, offsets, lora_in=xa, lora_out=b_c.transpose(1, 2), lora_scale=scaling)
+            ctx.save_for_backward(x, xa, a_c, b_c, offsets)
+            ctx.param_dtypes = (a_e.dtype, b_e.dtype)
+        else:
+            y = grouped_mm(x, weight, offsets)
+            ctx.save_for_backward(offsets)
+        ctx.weight = weight
+        ctx.scaling = scaling
+        ctx.has_lora = has_lora
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy = dy.contiguous()
+        weight = ctx.weight
+        if not ctx.has_lora:
+            (offsets,) = ctx.saved_tensors
+            dx = grouped_mm(dy, weight, offsets, trans=True) if ctx.needs_input_grad[0] else None
+            return dx, None, None, None, None, None
+        x, xa, a_c, b_c, offsets = ctx.saved_tensors
+        s = ctx.scaling
+        dyb = grouped_mm(dy, _bf16(b_c), offsets, trans=True)  # [S, r] = dy @ B_e
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = grouped_mm(dy, weight, offsets, trans=True, lora_in=dyb, lora_out=a_c, lora_scale=s)
+        da = grouped_wgrad(dyb, x, offsets, scale=s, out_dtype=ctx.param_dtypes[0])  # [E, r, C]
+        db = grouped_wgrad(dy, xa, offsets, scale=s, out_dtype=ctx.param_dtypes[1])  # [E, R, r]
+        return dx, da, db, None, None, None
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: GroupedWeight,
+    offsets: torch.Tensor,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """``y [S, R]`` from ``x [S, C]`` (rows sorted by expert) with an optional PEFT stride-E adapter.
+
+    lora_A ``[r·E, C]``, lora_B ``[R, r·E]`` (swapped orientation, the fused_linear layout's semantic one). The base
+    weight is frozen: gradients flow to x, lora_A and lora_B only.
+    """
+    E, R, C = weight.shape
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("pass both lora_A and lora_B, or neither")
+    if lora_A is None:
+        return _GroupedLinear.apply(x, None, None, weight, offsets, scaling)
+    if lora_A.dim() != 2 or lora_A.shape[0] % E or lora_A.shape[1] != C:
+        raise ValueError(f"lora_A must be [r·E, C={C}] with E={E}, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0] // E
+    if lora_B.shape != (R, r * E):
+        raise ValueError(f"lora_B must be [R={R}, r·E={r * E}], got {tuple(lora_B.shape)}")
+    a_e = lora_A.view(E, r, C)
+    b_e = lora_B.view(R, r, E).permute(2, 0, 1)  # [E, R, r]: B_e[n, j] = lora_B[n, j·E + e]
+    return _GroupedLinear.apply(x, a_e, b_e, weight, offsets, scaling)
