@@ -35,6 +35,8 @@ The ``moe_check`` fixture (the API for test authors)
 * ``finding(explanation)`` — the test passed but documents upstream behaviour worth reading (a paragraph); the
   check's status becomes ``finding`` (not a failure).
 * ``note(text)`` — an extra line in the check's message.
+* pytest's own ``record_property(key, value)`` also lands in the check: numbers as metrics, others in
+  ``properties``.
 * read-only: ``cell`` (the matrix cell id or None), ``quick`` (bool), ``versions`` (installed transformers/peft/
   torch/bitsandbytes/accelerate versions, from package metadata).
 
@@ -78,6 +80,11 @@ def json_number(value: float) -> float | str:
     if math.isinf(value):
         return "Infinity" if value > 0 else "-Infinity"
     return value
+
+
+def _json_plot(plot: dict[str, Any]) -> dict[str, Any]:
+    return {**plot, "series": {k: [json_number(v) for v in vals] for k, vals in plot["series"].items()},
+            "x": None if plot["x"] is None else [json_number(v) for v in plot["x"]]}
 
 
 def _as_float(key: str, value: Any) -> float:
@@ -211,7 +218,7 @@ class _State:
 
     def emit(self, obj: dict[str, Any]) -> None:
         if self.stream is not None:
-            self.stream.write(json.dumps(obj, default=str) + "\n")
+            self.stream.write(json.dumps(obj, default=str, allow_nan=False) + "\n")
             self.stream.flush()
 
 
@@ -413,16 +420,23 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     else:
         name, family, variant = report.nodeid.split("::")[-1].split("[")[0], None, None
     status, message = _status(reports, chk)
+    metrics = dict(chk.metrics) if chk else {}
+    properties: dict[str, str] = {}
+    for key, value in report.user_properties:  # `record_property(...)` values: numbers become metrics
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.setdefault(str(key), float(value))
+        else:
+            properties[str(key)] = str(value)[:500]
     details = ""
     for rep in reports.values():
         if rep.failed:
             details += rep.longreprtext[-_MAX_DETAILS:]
     record = {
         "name": name, "family": family, "variant": variant, "status": status,
-        "metrics": {k: json_number(v) for k, v in (chk.metrics if chk else {}).items()},
+        "metrics": {k: json_number(v) for k, v in metrics.items()}, "properties": properties,
         "threshold": {k: {"op": t["op"], "value": json_number(t["value"])}
                       for k, t in (chk.threshold if chk else {}).items()},
-        "plots": chk.plots if chk else [],
+        "plots": [_json_plot(p) for p in (chk.plots if chk else [])],
         "message": message, "details": details[-_MAX_DETAILS:], "node_id": report.nodeid,
         "duration_s": round(sum(r.duration for r in reports.values()), 4),
     }

@@ -253,13 +253,20 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     except envs.EnvError as exc:
         return finish("error", f"pip freeze failed: {exc}")
 
-    # -- probe: installed versions and imports
+    # -- probe: installed versions and imports (same environment variables as the tests)
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))
+    env_vars = {**os.environ, "MOE_COMPAT_CELL": cell.id, "MOE_COMPAT_MATRIX": str(matrix.path),
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONFAULTHANDLER": "1", **opts.env}
+    env_vars.pop("MOE_COMPAT_RESULTS", None)
+    env_vars.setdefault("HYPOTHESIS_PROFILE", "ci")
+    env_vars.setdefault("OMP_NUM_THREADS", threads)
     progress.phase(cell.id, "probe")
     axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes]
     dists = sorted({*res.resolved, "torch", "bitsandbytes"})
     try:
         proc = subprocess.run([str(env.python), "-c", _PROBE, ",".join(dists), ",".join(axis_pkgs)],
-                              capture_output=True, text=True, timeout=install_timeout, cwd=ROOT)
+                              capture_output=True, text=True, timeout=install_timeout, cwd=ROOT, env=env_vars)
     except subprocess.TimeoutExpired:
         return finish("error", f"import probe timed out after {install_timeout:.0f}s")
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MOE_PROBE ")), None)
@@ -294,13 +301,6 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     cmd = [str(env.python), "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
            "--moe-results", str(results), "-rfEX", "--continue-on-collection-errors", *matrix.pytest_args, *(["--quick"] if opts.quick else []),
            *opts.pytest_args, *tests]
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))
-    env_vars = {**os.environ, "MOE_COMPAT_CELL": cell.id, "MOE_COMPAT_MATRIX": str(matrix.path),
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONFAULTHANDLER": "1", **opts.env}
-    env_vars.pop("MOE_COMPAT_RESULTS", None)
-    env_vars.setdefault("HYPOTHESIS_PROFILE", "ci")
-    env_vars.setdefault("OMP_NUM_THREADS", threads)
     timeout = opts.timeout_s or matrix.timeout_s
     progress.phase(cell.id, "test", " ".join(tests))
     ts = time.monotonic()
