@@ -64,15 +64,18 @@ def combine(
     d: Dispatch,
     weights: torch.Tensor,
     num_tokens: int,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted sum back to tokens: ``out[t] = sum_j weights[t, j] · y[row of pair (t, j)]``.
 
     y_sorted ``[S, H]``, weights ``[T, k]`` -> ``[num_tokens, H]``. The products and the sum over the k slots
     (in slot order 0..k-1) are done in ``accum_dtype`` (fp32 like grouped_mm, or the model dtype like eager
-    ``index_add_``); the result is cast to ``out_dtype`` (default ``y_sorted.dtype``).
+    ``index_add_``; default: float32, float64 for float64 rows, never lower than the input); the result is cast
+    to ``out_dtype`` (default ``y_sorted.dtype``).
     """
+    if accum_dtype is None:
+        accum_dtype = torch.promote_types(y_sorted.dtype, torch.float32)
     S, H = y_sorted.shape
     if weights.shape != (num_tokens, d.top_k) or S != num_tokens * d.top_k:
         raise ValueError(
