@@ -139,19 +139,27 @@ def _resolve_scale(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 
 
 def _infer_block(rows: int, cols: int, gr: int, gc: int) -> tuple[int, int]:
-    """Block of a scale grid when none is given: (128, 128) if the grid is its ceil grid, else an exact division.
+    """Block of a scale grid when none is given, per dim: 1 block -> the whole dim; one per row/col -> 1;
+    ``ceil(dim/128)`` blocks -> 128 (the block every FP8 checkpoint uses); anything else is refused.
 
-    A grid alone does not determine the block (192 rows with 2 row-blocks is block 128 or 96); 128 is what
-    checkpoints use, so it wins. Anything else must divide exactly, or the caller passes ``block``.
+    A grid alone does not determine the block: 192 rows in 2 row-blocks fit any block from 96 to 191, and an exact
+    division (200 rows, 4 blocks -> 50) is no better a guess than the real 64. Guessing R // g silently misreads
+    partial grids (transformers 5.8+ does, see tests/oracles/test_transformers_fp8.py), so other blocks are explicit.
     """
-    if (gr, gc) == (-(-rows // 128), -(-cols // 128)):
-        return 128, 128
-    if rows % gr or cols % gc:
-        raise FP8FormatError(
-            f"cannot infer the block of scale grid ({gr}, {gc}) for weight ({rows}, {cols}): it is not the 128x128 "
-            "ceil grid and does not divide exactly; pass block=(bm, bn)"
-        )
-    return rows // gr, cols // gc
+    return _infer_dim(rows, gr, "rows"), _infer_dim(cols, gc, "cols")
+
+
+def _infer_dim(n: int, g: int, name: str) -> int:
+    if g == 1:
+        return max(n, 1)
+    if g == n:
+        return 1
+    if g == -(-n // 128):
+        return 128
+    raise FP8FormatError(
+        f"cannot infer the block of {g} scale blocks over {name}={n}: it is not 1, {n} or ceil({n}/128); "
+        "pass block=(bm, bn)"
+    )
 
 
 def dequantize_fp8(
@@ -163,7 +171,8 @@ def dequantize_fp8(
     - one element (per-tensor);
     - 2-D q only: 1-D [R] (per-row) or [C] (per-column), refused when R == C (ambiguous);
     - [..., gr, gc]: a block grid, including [..., R, 1] per-row and [..., 1, C] per-column. ``block`` is explicit, or
-      inferred by ``_infer_block``; the grid must be the ceil grid ``(ceil(R/bm), ceil(C/bn))`` (partial edge blocks).
+      inferred by ``_infer_block`` (whole dim, 1 or 128 only); the grid must be the ceil grid
+      ``(ceil(R/bm), ceil(C/bn))`` (partial edge blocks).
     """
     _check_e4m3(q)
     if q.ndim < 2:

@@ -97,7 +97,11 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     i = 0
     for i in range(max_exponent_bits):
-        n_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        n_items = int(
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
         data += _scaled_means(n_items, i, max_exponent_bits, signed)
     if additional_items > 0:
         # upstream reuses the last loop exponent `i` here
@@ -105,7 +109,9 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     data.append(0)
     data.append(1.0)
     if len(data) != 2**total_bits:
-        raise ValueError(f"dynamic map with {max_exponent_bits=}, {total_bits=}, {signed=} has {len(data)} entries, not {2**total_bits}")
+        raise ValueError(
+            f"dynamic map with {max_exponent_bits=}, {total_bits=}, {signed=} has {len(data)} entries, not {2**total_bits}"
+        )
     data.sort()
     return torch.tensor(data, dtype=torch.float32)
 
@@ -181,7 +187,9 @@ def quantize_blockwise_8bit(
     return q.to(torch.uint8), absmax
 
 
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+def dequantize_blockwise_8bit(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> torch.Tensor:
     """fp32 [n]: ``code[codes[i]] * absmax[i // blocksize]`` (fp32 product)."""
     flat = codes.reshape(-1).to(torch.int64)
     return code[flat] * absmax.repeat_interleave(blocksize)[: flat.numel()]
