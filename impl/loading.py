@@ -1,0 +1,140 @@
+"""Loading MoE models with quantized experts.
+
+- transformers 5.x (fused 3-D experts, every family) and GPT-OSS on 4.57: `quantize_experts` swaps each experts
+  module for a `QuantizedExperts` (NF4 / FP8 / dense storage). The router and everything else is untouched; the
+  model's own routing feeds the new experts module. This is a module swap, not an ``ALL_EXPERTS_FUNCTIONS``
+  registration: the swapped module's forward does not depend on ``config._experts_implementation``, the decorator
+  flags of any 5.x release (5.0 has no ``has_gate``, 5.7 adds ``is_concatenated``...), or the experts interface
+  existing at all (4.57 GPT-OSS), so one code path covers 4.57.6 and 5.0–5.24.
+- transformers 4.57 per-expert ``ModuleList`` experts: NF4 through transformers' own ``BitsAndBytesConfig``
+  (`bnb_config_for`), which turns every expert ``nn.Linear`` into ``bnb.nn.Linear4bit`` while keeping routers, the
+  lm head and other listed modules in high precision. 4.57 replaces ``llm_int8_skip_modules``' defaults when a list is
+  given, so ``lm_head`` is always included here; its matching is by child name / ``key + "."`` substring, so the
+  router names below never match ``gate_proj``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from impl import compat
+from impl.quant_experts import (
+    NF4,
+    FP8Config,
+    NF4Config,
+    QuantConfig,
+    QuantizedExperts,
+    QuantizedExpertsError,
+    is_fused_experts,
+    storage_bytes,
+)
+
+# Child names of routers / router-like gates that must stay high precision (4.57 substring/child-name semantics).
+ROUTER_SKIP = ("lm_head", "gate", "router", "shared_expert_gate")
+
+
+@dataclass
+class QuantReport:
+    """What `quantize_experts` did: module paths swapped, expert bytes before / after (real storage bytes)."""
+
+    kind: str
+    modules: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / max(self.bytes_after, 1)
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def quantize_experts(model: nn.Module, cfg: QuantConfig, *, backend: str = "auto") -> QuantReport:
+    """Replace every fused experts module of ``model`` by a `QuantizedExperts` (in place); returns a `QuantReport`.
+
+    Raises if the model has no fused experts (e.g. 4.57 ModuleList experts: use `load_model` / `bnb_config_for`), or
+    if PEFT adapters are already attached (quantize first, then ``get_peft_model``).
+    """
+    from impl.peft_integration import install
+
+    install()
+    targets = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
+    if any(hasattr(m, "base_layer") for _, m in model.named_modules() if not isinstance(m, QuantizedExperts)
+           and hasattr(m, "lora_A")):  # fmt: skip
+        raise QuantizedExpertsError("quantize the experts before attaching PEFT adapters (found lora layers)")
+    if not targets:
+        raise QuantizedExpertsError(
+            f"{type(model).__name__} has no fused 3-D experts (gate_up_proj/down_proj) to quantize; for transformers "
+            "4.57 ModuleList experts use impl.load_model (bitsandbytes Linear4bit)"
+        )
+    report = QuantReport(cfg.kind)
+    for path, m in targets:
+        report.bytes_before += storage_bytes(m)
+        q = QuantizedExperts(m, cfg, backend=backend)
+        parent, child = _parent(model, path)
+        setattr(parent, child, q)
+        report.modules.append(path)
+        report.bytes_after += storage_bytes(q)
+    return report
+
+
+def bnb_config_for(model_or_config, cfg: NF4Config, extra_skip: tuple[str, ...] = ()):
+    """transformers ``BitsAndBytesConfig`` (nf4) that keeps routers, gates of shared experts and lm_head unquantized."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=cfg.compute_dtype,
+        llm_int8_skip_modules=list(ROUTER_SKIP + tuple(extra_skip)),
+    )
+
+
+def _is_module_list_moe(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.ModuleList) and name.endswith("experts") for name, m in model.named_modules())
+
+
+def load_model(source, cfg: QuantConfig, *, backend: str = "auto", dtype: torch.dtype | None = None, **kwargs):
+    """An MoE model with quantized experts, from a checkpoint directory or an in-memory model.
+
+    - fused experts (5.x, GPT-OSS): ``from_pretrained(source, dtype=compute dtype)`` (or the given model), then
+      `quantize_experts`. Returns ``(model, QuantReport)``.
+    - 4.57 ModuleList experts with NF4: ``from_pretrained(source, quantization_config=bnb_config_for(...))``. An
+      in-memory model must be saved first (pass its directory). FP8 on ModuleList experts raises (not supported:
+      transformers' FP8Linear needs a GPU; use transformers 5.x).
+    """
+    import transformers
+
+    dtype = dtype or cfg.compute_dtype
+    if isinstance(source, nn.Module):
+        model = source
+        if _is_module_list_moe(model) and not any(is_fused_experts(m) for m in model.modules()):
+            raise QuantizedExpertsError(
+                f"in-memory {type(model).__name__} has ModuleList experts (transformers "
+                f"{transformers.__version__}); save it and pass the directory so bitsandbytes quantizes at load"
+            )
+        return model, quantize_experts(model, cfg, backend=backend)
+    config = transformers.AutoConfig.from_pretrained(source)
+    family = compat.family_of_model_type(config.model_type)
+    if compat.expert_layout(family, transformers.__version__) == "module_list":
+        if cfg.kind != NF4:
+            raise QuantizedExpertsError(
+                f"{cfg.kind} experts for {family} on transformers {transformers.__version__} (ModuleList experts) are "
+                "not supported: transformers' FP8Linear needs a GPU; use transformers >= 5.0"
+            )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, quantization_config=bnb_config_for(config, cfg), **kwargs
+        )
+        return model, QuantReport(NF4, [], 0, 0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return model, quantize_experts(model, cfg, backend=backend)
+
+
+__all__ = ["QuantReport", "quantize_experts", "load_model", "bnb_config_for", "FP8Config", "NF4Config"]

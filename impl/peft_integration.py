@@ -1,0 +1,307 @@
+"""PEFT ``target_parameters`` LoRA on `QuantizedExperts`: forward, merge, adapter save/reload with a sidecar.
+
+PEFT's ``ParamWrapper`` applies LoRA by registering a parametrization on the targeted parameter for the duration of
+the forward. On `QuantizedExperts` that parameter is a zero-storage shape carrier, so that path would read zeros,
+materialise a dense ``[E, d1, d2]`` tensor per call (and, in PEFT 0.21, leak proxies). `install` therefore wraps
+three ``ParamWrapper`` methods, **only for wrappers whose base layer is a QuantizedExperts** (every other wrapper runs
+PEFT's original code):
+
+- ``forward``: hands the active adapters' raw factors (``lora_A [r·E, a]``, ``lora_B [b, r·E]``, scaling, and the
+  orientation decided by `reference.layout.detect_orientation` from the shapes, the live
+  ``_did_swap_in_out_features``, the module's ``is_transposed`` and ``peft.__version__``) to the experts module for
+  the duration of the call; `impl.forward` adds ``s·x·first_e·second_e`` itself. Nested wrappers (gate_up inner,
+  down outer) each attach their own parameter. Disabled adapters: the base runs alone. Mixed-adapter batches raise.
+- ``merge``: a real merge into the quantized storage: dequantize (fp32) + ΔW (`reference.lora.delta_weight`, stride-E)
+  -> requantize with the same parameters (NF4 blocksize / double quant; FP8 block; dense dtype). The pre-merge storage
+  is kept, so ``unmerge`` restores it exactly (no requantization drift).
+- ``unmerge``: restores the pre-merge storage.
+
+If PEFT's parametrization path is reached anyway (hooks not installed), `impl.forward.experts_forward` raises.
+
+`save_adapter` writes PEFT's adapter plus ``moe_compat.json`` (lora_B convention, per-target orientation and shapes,
+versions); `load_adapter` reloads with ``PeftModel.from_pretrained`` and checks the live orientation against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import torch
+
+from impl.forward import LoraSpec
+from impl.quant_experts import (
+    DENSE,
+    FP8,
+    NF4,
+    DenseWeight,
+    FP8Weight,
+    NF4Weight,
+    QuantizedExperts,
+    QuantizedExpertsError,
+)
+from reference.layout import LayoutError, Orientation, detect_orientation
+from reference.lora import STRIDE_E, delta_weight
+
+SIDECAR = "moe_compat.json"
+SIDECAR_FORMAT = 1
+_MARK = "_moe_compat_hook"
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+def install() -> bool:
+    """Wrap ``peft.tuners.lora.layer.ParamWrapper.{forward, merge, unmerge}`` (idempotent).
+
+    Returns False when PEFT is not installed (nothing can wrap the experts then), True otherwise.
+    """
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ModuleNotFoundError:
+        return False
+    pw = lora_layer.ParamWrapper
+    if getattr(pw.forward, _MARK, False):
+        return True
+    orig_forward, orig_merge, orig_unmerge = pw.forward, pw.merge, pw.unmerge
+
+    def forward(self, x, *args, **kwargs):
+        if not isinstance(self.get_base_layer(), QuantizedExperts):
+            return orig_forward(self, x, *args, **kwargs)
+        return _forward(self, x, *args, **kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names=None):
+        if not isinstance(self.get_base_layer(), QuantizedExperts):
+            return orig_merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
+        return _merge(self, safe_merge, adapter_names)
+
+    def unmerge(self):
+        if not isinstance(self.get_base_layer(), QuantizedExperts):
+            return orig_unmerge(self)
+        return _unmerge(self)
+
+    for name, fn, orig in (("forward", forward, orig_forward), ("merge", merge, orig_merge),
+                           ("unmerge", unmerge, orig_unmerge)):  # fmt: skip
+        setattr(fn, _MARK, True)
+        fn.__wrapped__ = orig
+        fn.__doc__ = orig.__doc__
+        setattr(pw, name, fn)
+    return True
+
+
+# --- orientation ------------------------------------------------------------------------------------------------
+
+
+def wrapper_did_swap(wrapper) -> bool | None:
+    """The live swap flag: PEFT >= 0.19 ``_did_swap_in_out_features``; transformers 5.0-5.3's patch sets
+    ``_swapped_in_out``; PEFT 0.17/0.18 have neither (None: the version rule decides)."""
+    if getattr(wrapper, "_swapped_in_out", False):
+        return True
+    return getattr(wrapper, "_did_swap_in_out_features", None)
+
+
+def wrapper_orientation(wrapper, adapter: str) -> Orientation:
+    """Orientation of ``adapter``'s factors on ``wrapper`` (PEFT ParamWrapper over a QuantizedExperts)."""
+    base = wrapper.get_base_layer()
+    carrier = getattr(base, wrapper.parameter_name)
+    A = wrapper.lora_A[adapter].weight
+    B = wrapper.lora_B[adapter].weight
+    try:
+        d = detect_orientation(
+            carrier.shape, A.shape, B.shape, wrapper.num_experts, did_swap=wrapper_did_swap(wrapper),
+            is_transposed=base.is_transposed, peft_version=_peft_version(),
+        )  # fmt: skip
+    except LayoutError as e:
+        raise LayoutError(f"{wrapper.parameter_name} adapter {adapter!r} (PEFT {_peft_version()}): {e}") from e
+    if d.orientation is Orientation.UNKNOWN:
+        raise LayoutError(f"{wrapper.parameter_name} adapter {adapter!r} (PEFT {_peft_version()}): {d.reason}")
+    return d.orientation
+
+
+def _specs(wrapper, adapters) -> list[LoraSpec]:
+    return [
+        LoraSpec(
+            wrapper.lora_A[a].weight,
+            wrapper.lora_B[a].weight,
+            float(wrapper.scaling[a]),
+            wrapper_orientation(wrapper, a).value,
+            STRIDE_E,
+        )
+        for a in adapters
+        if a in wrapper.lora_A
+    ]
+
+
+# --- forward ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _attached(base: QuantizedExperts, name: str, specs: list[LoraSpec]):
+    if base._lora[name]:
+        raise QuantizedExpertsError(
+            f"LoRA already attached to {name} of {base.original_class.__name__} (re-entrant call)"
+        )
+    base._lora[name] = specs
+    try:
+        yield
+    finally:
+        base._lora[name] = []
+
+
+def _forward(self, x, *args, **kwargs):
+    self._check_forward_args(x, *args, **kwargs)
+    if kwargs.pop("adapter_names", None) is not None:
+        raise ValueError(f"lora.{type(self).__name__} on quantized experts does not support mixed adapter batches")
+    if self.disable_adapters:
+        if self.merged:
+            self.unmerge()
+        return self.base_layer(x, *args, **kwargs)
+    if self.merged:
+        return self.base_layer(x, *args, **kwargs)
+    specs = _specs(self, self.active_adapters)
+    with _attached(self.get_base_layer(), self.parameter_name, specs):
+        return self.base_layer(x, *args, **kwargs)
+
+
+# --- merge ------------------------------------------------------------------------------------------------------
+
+
+def requantize_like(store, merged: torch.Tensor):
+    """New storage of the same kind and parameters as ``store`` holding ``merged [E, d1, d2]`` (fp32)."""
+    if store.kind == NF4:
+        return NF4Weight(merged, store.blocksize, store.double_quant)
+    if store.kind == FP8:
+        return FP8Weight.quantize(merged, store.block)
+    if store.kind == DENSE:
+        return DenseWeight(merged.to(store.weight.dtype))
+    raise QuantizedExpertsError(f"cannot requantize storage kind {store.kind!r}")
+
+
+def merged_delta(wrapper, adapters) -> torch.Tensor:
+    """``ΔW [E, d1, d2]`` (fp32) summed over ``adapters`` in the live orientation (`reference.lora.delta_weight`)."""
+    total = None
+    for spec in _specs(wrapper, adapters):
+        d = delta_weight(spec.lora_A.detach().float(), spec.lora_B.detach().float(), wrapper.num_experts,
+                         spec.scaling, orientation=spec.orientation, convention=spec.convention)  # fmt: skip
+        total = d if total is None else total + d
+    return total
+
+
+def _merge(self, safe_merge: bool, adapter_names):
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    adapter_names = check_adapters_to_merge(self, adapter_names)
+    if not adapter_names:
+        return
+    base: QuantizedExperts = self.get_base_layer()
+    name = self.parameter_name
+    store = base.storage(name)
+    delta = merged_delta(self, adapter_names)
+    merged = store.dequantize(torch.float32) + delta.to(store.device)
+    if safe_merge and not torch.isfinite(merged).all():
+        raise ValueError(f"NaNs/Infs in the merged {name}; the adapter(s) {adapter_names} seem to be broken")
+    stack = base.__dict__.setdefault("_premerge", {}).setdefault(name, [])
+    stack.append(store)
+    base.add_module(f"{name}_q", requantize_like(store, merged).to(store.device))
+    self.merged_adapters.extend(adapter_names)
+
+
+def _unmerge(self):
+    if not self.merged:
+        return
+    base: QuantizedExperts = self.get_base_layer()
+    name = self.parameter_name
+    stack = base.__dict__.get("_premerge", {}).get(name, [])
+    if not stack:
+        raise QuantizedExpertsError(f"no pre-merge storage recorded for {name}; cannot unmerge exactly")
+    base.add_module(f"{name}_q", stack[0].to(base.storage(name).device))
+    stack.clear()
+    self.merged_adapters.clear()
+
+
+# --- save / reload ----------------------------------------------------------------------------------------------
+
+
+def quantized_wrappers(model) -> list[tuple[str, Any]]:
+    """``(module path, ParamWrapper)`` for every PEFT wrapper directly or indirectly over a QuantizedExperts."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ParamWrapper)
+            and isinstance(m.get_base_layer(), QuantizedExperts)]  # fmt: skip
+
+
+def describe_adapters(model) -> dict:
+    """The sidecar content: per adapter and target ``<module path>:<param>`` its orientation and shapes."""
+    import transformers
+
+    adapters: dict[str, dict] = {}
+    for path, w in quantized_wrappers(model):
+        base = w.get_base_layer()
+        for a in w.lora_A:
+            A, B = w.lora_A[a].weight, w.lora_B[a].weight
+            adapters.setdefault(a, {})[f"{path}:{w.parameter_name}"] = dict(
+                orientation=wrapper_orientation(w, a).value,
+                lora_A_shape=list(A.shape),
+                lora_B_shape=list(B.shape),
+                param_shape=list(getattr(base, w.parameter_name).shape),
+                num_experts=int(w.num_experts),
+                is_transposed=bool(base.is_transposed),
+                kind=base.kind,
+            )
+    return dict(
+        format=SIDECAR_FORMAT,
+        lora_B_convention=STRIDE_E,
+        peft_version=_peft_version(),
+        transformers_version=transformers.__version__,
+        adapters=adapters,
+    )
+
+
+def save_adapter(peft_model, save_directory: str, **kwargs) -> dict:
+    """``peft_model.save_pretrained(save_directory, **kwargs)`` plus ``moe_compat.json``; returns the sidecar dict."""
+    peft_model.save_pretrained(save_directory, **kwargs)
+    info = describe_adapters(peft_model)
+    with open(os.path.join(save_directory, SIDECAR), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    return info
+
+
+def check_sidecar(model, saved: dict, adapter_name: str = "default", saved_adapter: str = "default") -> None:
+    """Raise LayoutError if the live adapter's orientation or shapes differ from the sidecar's."""
+    if saved.get("lora_B_convention") != STRIDE_E:
+        raise LayoutError(f"adapter lora_B convention {saved.get('lora_B_convention')!r} is not {STRIDE_E!r}")
+    want = saved["adapters"].get(saved_adapter)
+    if want is None:
+        raise LayoutError(f"sidecar has no adapter {saved_adapter!r}: {sorted(saved['adapters'])}")
+    live_all = describe_adapters(model)["adapters"].get(adapter_name, {})
+    if sorted(live_all) != sorted(want):
+        raise LayoutError(f"adapter targets differ: saved {sorted(want)}, loaded {sorted(live_all)}")
+    for key, w in want.items():
+        live = live_all[key]
+        for field in ("orientation", "lora_A_shape", "lora_B_shape", "param_shape"):
+            if live[field] != w[field]:
+                raise LayoutError(
+                    f"{key}: {field} saved as {w[field]} (PEFT {saved['peft_version']}, transformers "
+                    f"{saved['transformers_version']}) but loaded as {live[field]} (PEFT {_peft_version()}); "
+                    "the adapter would be applied transposed. Convert it with reference.lora.convert_adapter."
+                )
+
+
+def load_adapter(model, adapter_dir: str, adapter_name: str = "default", **kwargs):
+    """``PeftModel.from_pretrained(model, adapter_dir, ...)`` checked against ``moe_compat.json`` (required)."""
+    from peft import PeftModel
+
+    path = os.path.join(adapter_dir, SIDECAR)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} missing: the adapter was not saved with impl.save_adapter")
+    with open(path) as f:
+        saved = json.load(f)
+    install()
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, **kwargs)
+    check_sidecar(peft_model, saved, adapter_name)
+    return peft_model
