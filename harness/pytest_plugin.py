@@ -24,6 +24,8 @@ The ``moe_check`` fixture (the API for test authors)
         moe_check.plot("loss", {"bf16": bf16_losses, "nf4": nf4_losses})   # series of numbers -> inline SVG
         moe_check.finding("PEFT 0.19.0 applies ΔW transposed for GPT-OSS on v5; ...")  # status `finding`
 
+* Defaults: name = function name minus ``test_`` (or ``@pytest.mark.moe_name("...")``); family = the ``family``
+  parameter; variant = the ``variant`` parameter and every other parameter joined with ``-`` (e.g. ``2i_eq_h-eager``).
 * ``set(name=None, family=None, variant=None)`` — name the check. Names are what ``[[known]].checks`` globs match
   (together with the node id), e.g. ``oracle_peft_reload``, ``impl_nf4_forward``, ``loss_parity``.
 * ``metric(key, value, threshold=None, op="<=")`` — record a number (python/numpy/0-d torch value); returns it as
@@ -256,10 +258,11 @@ def _static_identity(item: pytest.Item) -> tuple[str, str | None, str | None]:
         params = callspec.params
         if "family" in params:
             family = _param_str(params["family"])
-        if "variant" in params:
-            variant = _param_str(params["variant"])
-        elif set(params) - {"family"}:
-            variant = callspec.id
+        parts = [params["variant"]] if "variant" in params else []
+        parts += [v for k, v in params.items() if k not in ("family", "variant")]
+        texts = [_param_str(v) for v in parts]
+        if parts:
+            variant = "-".join(texts) if all(t is not None for t in texts) else callspec.id
         if family is None and "family" in params:
             family = callspec.id
     return name, family, variant

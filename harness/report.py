@@ -375,6 +375,12 @@ figcaption{font-size:12px}
 """
 
 
+def _html_counts(cell: dict[str, Any]) -> str:
+    c = Counter(k["status"] for k in cell.get("checks", []))
+    return " ".join(f'<span style="background:{COLOR[s]};padding:0 4px">{s}&#160;{c[s]}</span>'
+                    for s in CHECK_STATUSES if c.get(s))
+
+
 def render_html(summary: dict[str, Any]) -> str:
     """index.html: self-contained (inline CSS and SVG, no scripts, no network), well-formed XML syntax."""
     e = html.escape
@@ -398,7 +404,7 @@ def render_html(summary: dict[str, Any]) -> str:
         venv = f"{c['venv_bytes'] / 1e6:.0f} MB" if c.get("venv_bytes") else ""
         out.append(f'<tr><td><code>{e(c["id"])}</code></td><td>{e(_versions(c))}</td>'
                    f'<td class="s" style="background:{COLOR[c["status"]]}">{e(c["status"])}</td>'
-                   f'<td>{e(_cell_counts(c))}</td><td>{c.get("duration_s", 0):.0f}s</td><td>{e(venv)}</td>'
+                   f'<td>{_html_counts(c)}</td><td>{c.get("duration_s", 0):.0f}s</td><td>{e(venv)}</td>'
                    f'<td><small>{e((c.get("message") or "")[:300])}</small></td></tr>')
     out.append('</table>')
     labels, rows = _rows(summary)
