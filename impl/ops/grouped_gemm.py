@@ -134,44 +134,12 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rows, cols0, R, C, COLS:
 
 
 @triton.jit
-def _grouped_gemm_kernel(
-    x_ptr, stride_xm, stride_xk,
-    w_ptr, stride_we, stride_wr, stride_wc,
-    s_ptr, stride_se, stride_sr, stride_sc,
-    code_ptr,
-    y_ptr, stride_ym, stride_yn,
-    offs_ptr,
-    la_ptr, stride_lam, stride_lar,
-    lb_ptr, stride_lbe, stride_lbr, stride_lbn,
-    lora_scale, RANK,
-    E: tl.constexpr, R: tl.constexpr, C: tl.constexpr, NOUT: tl.constexpr, KRED: tl.constexpr,
-    WFMT: tl.constexpr, TRANS: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr,
-    E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    # ---- tile schedule from the END offsets (no host sync)
-    eidx = tl.arange(0, E_P2)
-    ends = tl.load(offs_ptr + eidx, mask=eidx < E, other=0)
-    starts = tl.load(offs_ptr + eidx - 1, mask=(eidx > 0) & (eidx < E), other=0)
-    tiles = tl.where(eidx < E, (ends - starts + BM - 1) // BM, 0)
-    cum = tl.cumsum(tiles, 0)
-    e = tl.sum((cum <= pid_m).to(tl.int32))
-    if e >= E:
-        return
-    sel = eidx == e
-    tile0 = tl.sum(tl.where(sel, cum - tiles, 0))
-    row_start = tl.sum(tl.where(sel, starts, 0)) + (pid_m - tile0) * BM
-    row_end = tl.sum(tl.where(sel, ends, 0))
-
-    rm = row_start + tl.arange(0, BM)
-    mmask = rm < row_end
-    rn = pid_n * BN + tl.arange(0, BN)
-    nmask = rn < NOUT
-    rm64 = rm.to(tl.int64)
-    e64 = e.to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, KRED, BK):
+def _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_we, stride_wr, stride_wc,
+            s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
+            R, C, KRED, K_END,
+            WFMT: tl.constexpr, TRANS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The reduction loop over [0, K_END) (K_END == KRED; a Python int under the interpreter)."""
+    for k0 in range(0, K_END, BK):
         rk = k0 + tl.arange(0, BK)
         kmask = rk < KRED
         a = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
@@ -226,6 +194,55 @@ def _grouped_gemm_kernel(
             else:
                 part = tl.dot(aq, b)
             acc += part * xs[:, None] * ws[None, :]
+    return acc
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    x_ptr, stride_xm, stride_xk,
+    w_ptr, stride_we, stride_wr, stride_wc,
+    s_ptr, stride_se, stride_sr, stride_sc,
+    code_ptr,
+    y_ptr, stride_ym, stride_yn,
+    offs_ptr,
+    la_ptr, stride_lam, stride_lar,
+    lb_ptr, stride_lbe, stride_lbr, stride_lbn,
+    lora_scale, RANK,
+    E, R, C, NOUT, KRED, K_LOOP: tl.constexpr,
+    WFMT: tl.constexpr, TRANS: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr,
+    E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    # ---- tile schedule from the END offsets (no host sync)
+    eidx = tl.arange(0, E_P2)
+    ends = tl.load(offs_ptr + eidx, mask=eidx < E, other=0)
+    starts = tl.load(offs_ptr + eidx - 1, mask=(eidx > 0) & (eidx < E), other=0)
+    tiles = tl.where(eidx < E, (ends - starts + BM - 1) // BM, 0)
+    cum = tl.cumsum(tiles, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32))
+    if e >= E:
+        return
+    sel = eidx == e
+    tile0 = tl.sum(tl.where(sel, cum - tiles, 0))
+    row_start = tl.sum(tl.where(sel, starts, 0)) + (pid_m - tile0) * BM
+    row_end = tl.sum(tl.where(sel, ends, 0))
+
+    rm = row_start + tl.arange(0, BM)
+    mmask = rm < row_end
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < NOUT
+    rm64 = rm.to(tl.int64)
+    e64 = e.to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if K_LOOP > 0:  # interpreter: a Python-int loop bound (it cannot loop over a runtime scalar)
+        acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_we, stride_wr, stride_wc,
+                      s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
+                      R, C, KRED, K_LOOP, WFMT, TRANS, BN, BK, DOT_FP32)
+    else:
+        acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_we, stride_wr, stride_wc,
+                      s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
+                      R, C, KRED, KRED, WFMT, TRANS, BN, BK, DOT_FP32)
     if HAS_LORA:
         rr = tl.arange(0, RANK_P)
         rmask = rr < RANK
@@ -360,7 +377,7 @@ def grouped_mm(
         la, la.stride(0), la.stride(1),
         lb, lb.stride(0), lb.stride(1), lb.stride(2),
         float(lora_scale), r,
-        E, R, C, nout, kred,
+        E, R, C, nout, kred, kred if interpret_mode() else 0,
         WFMT=_FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, RANK_P=rank_p,
         E_P2=max(16, _next_pow2(E)), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_FP32=dot_fp32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -36,7 +36,7 @@ def _grouped_wgrad_kernel(
     q_ptr, stride_qm, stride_qb,
     o_ptr, stride_oe, stride_oa, stride_ob,
     offs_ptr, scale,
-    A: tl.constexpr, B: tl.constexpr,
+    A, B,
     BA: tl.constexpr, BB: tl.constexpr, BS: tl.constexpr, DOT_FP32: tl.constexpr, STATIC_ROWS: tl.constexpr,
 ):
     pid_a = tl.program_id(0)
@@ -97,7 +97,7 @@ def grouped_wgrad(
         q, q.stride(0), q.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),
         offsets, float(scale),
-        A=A, B=B, BA=BA, BB=BB, BS=BS, DOT_FP32=dot_fp32, STATIC_ROWS=p.shape[0] if interpret_mode() else 0,
+        A, B, BA=BA, BB=BB, BS=BS, DOT_FP32=dot_fp32, STATIC_ROWS=p.shape[0] if interpret_mode() else 0,
         num_warps=4, num_stages=3,
     )
     return out

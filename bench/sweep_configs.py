@@ -1,0 +1,80 @@
+"""Tile-config sweep of the Triton grouped GEMM at Qwen3-30B-A3B shapes (one CUDA GPU); prints the best per case.
+
+    python3 bench/sweep_configs.py [--tokens 64,16384] [--fmts bf16,nf4,fp8_block]
+
+Used once to pick `impl.ops.grouped_gemm.default_config`; results go to stdout (and --json).
+"""
+
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, TileConfig, grouped_mm  # noqa: E402
+from impl.ops.moe_layer import sort_pairs  # noqa: E402
+from impl.ops.quant import quantize_fp8_block_experts, quantize_nf4_experts  # noqa: E402
+
+DECODE = [TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 128, 4, 4), TileConfig(16, 64, 256, 4, 3),
+          TileConfig(16, 32, 256, 4, 4), TileConfig(16, 128, 64, 4, 5), TileConfig(16, 64, 128, 2, 4),
+          TileConfig(32, 64, 128, 4, 4), TileConfig(16, 256, 128, 8, 3)]
+PREFILL = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 4, 4), TileConfig(128, 256, 64, 8, 3),
+           TileConfig(64, 128, 64, 4, 4), TileConfig(128, 128, 128, 8, 3), TileConfig(64, 256, 64, 8, 3),
+           TileConfig(128, 64, 128, 4, 3), TileConfig(64, 128, 128, 4, 3)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="64,16384")
+    ap.add_argument("--fmts", default="bf16,nf4,fp8_block")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    H, I, E, k = 2048, 768, 128, 8
+    gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
+    Ws = {"bf16": GroupedWeight(FMT_BF16, tuple(gu.shape), gu), "nf4": quantize_nf4_experts(gu),
+          "fp8_block": quantize_fp8_block_experts(gu)}
+    results = []
+    for T in [int(t) for t in a.tokens.split(",")]:
+        _, idx = torch.softmax(torch.randn(T, E, device="cuda"), -1).topk(k, dim=-1)
+        _, _, offs = sort_pairs(idx, E)
+        S = T * k
+        for trans in (False, True):
+            x = torch.randn(S, H if not trans else 2 * I, device="cuda", dtype=torch.bfloat16)
+            ref_t = 1e3 * do_bench(lambda: torch._grouped_mm(x, gu.transpose(-2, -1) if not trans else gu, offs),
+                                   warmup=5, rep=20, return_mode="median")
+            print(f"T={T} trans={trans} torch._grouped_mm bf16: {ref_t:.1f} us", flush=True)
+            for fmt in a.fmts.split(","):
+                gw = Ws[fmt]
+                best = None
+                for cfg in (DECODE if S / E <= 16 else PREFILL):
+                    if fmt == "fp8_block" and cfg.BK != 128:
+                        continue
+                    if fmt == "nf4" and (cfg.BN if trans else cfg.BK) % 64:
+                        continue
+                    try:
+                        grouped_mm(x, gw, offs, trans=trans, config=cfg)
+                        t = 1e3 * do_bench(lambda cfg=cfg: grouped_mm(x, gw, offs, trans=trans, config=cfg),
+                                           warmup=5, rep=20, return_mode="median")
+                    except Exception as exc:
+                        print(f"   {fmt} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                        continue
+                    results.append(dict(T=T, trans=trans, fmt=fmt, cfg=cfg.__dict__, us=t, torch_bf16_us=ref_t))
+                    print(f"   {fmt:9s} {cfg}: {t:.1f} us (x{t / ref_t:.2f} of torch bf16)", flush=True)
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+                if best:
+                    print(f"BEST T={T} trans={trans} {fmt}: {best[1]} {best[0]:.1f} us", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
