@@ -119,7 +119,7 @@ def roofline_pct(flops, byts, variant, t_us):
     return 100.0 * max(flops / peak, byts / HBM) / (t_us * 1e-6)
 
 
-def bench_model(name, tokens_list, variants, scopes, rows, long_tokens=4096):
+def bench_model(name, tokens_list, variants, scopes, rows, long_tokens=4096, flush=lambda: None):
     H, I, E, k = MODELS[name]
     log(f"== {name}: H={H} I={I} E={E} top{k}")
     t0 = time.time()
@@ -240,6 +240,7 @@ def bench_model(name, tokens_list, variants, scopes, rows, long_tokens=4096):
                                 f"x{rows[-1]['ratio_vs_bf16']}  {rows[-1]['pct_of_roofline']}%")
         del ref_out
         torch.cuda.empty_cache()
+        flush()
     del W
     torch.cuda.empty_cache()
 
@@ -300,12 +301,14 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = gpu.lower().replace(" ", "_") + "-" + meta["date"] + (f"-{args.tag}" if args.tag else "")
     t0 = time.time()
-    for m in args.models.split(","):
-        tokens = per_model.get(m, [int(t) for t in args.tokens.split(",")])
-        bench_model(m, tokens, variants, args.scopes.split(","), rows)
+    def flush():
         meta["elapsed_s"] = round(time.time() - t0, 1)
         (out_dir / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         (out_dir / f"{stem}.md").write_text(markdown(meta, rows))
+
+    for m in args.models.split(","):
+        tokens = per_model.get(m, [int(t) for t in args.tokens.split(",")])
+        bench_model(m, tokens, variants, args.scopes.split(","), rows, flush=flush)
     log(f"wrote {out_dir / stem}.json/.md in {time.time() - t0:.0f}s")
 
 
