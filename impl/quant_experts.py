@@ -329,6 +329,9 @@ class QuantizedExperts(nn.Module):
                 setattr(self, name, nn.Parameter(b.detach().to(cfg.compute_dtype), requires_grad=False))
         self.has_bias = all(getattr(self, n, None) is not None for n in BIAS_NAMES)
         self.register_state_dict_post_hook(_drop_carriers)
+        from impl.peft_integration import install
+
+        install()  # PEFT wrappers around this module must take impl's LoRA path (no-op without PEFT)
 
     # -- storage access --
     def storage(self, name: str) -> ExpertWeight:
