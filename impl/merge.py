@@ -637,9 +637,14 @@ def merge_adapter(
         raise
     dropped = sorted(k for k in ckpt.tensors if merger.dropped(k))
     rescaled = sorted(k for k in merger.scale_units if merger._scale_changes(k))
-    n_exp = sum(n for k, n in merger.applied.items() if _is_expert_target(plan, k))
+    n_exp = sum(_expert_count(ref) for k in merger.applied for ref in plan.targets[k] if _is_expert_target(plan, k))
     n_lin = sum(n for k, n in merger.applied.items() if not _is_expert_target(plan, k))
     return MergeReport(str(out), method, n_exp, n_lin, shards, dropped, rescaled, time.monotonic() - t0)
+
+
+def _expert_count(ref: DeltaRef) -> int:
+    """A fused 3-D delta counts once per expert; a per-expert (or per-expert Linear) delta once."""
+    return ref.lora.group.num_experts if isinstance(ref.lora, ExpertLora) and ref.expert is None else 1
 
 
 def _is_expert_target(plan: MergePlan, key: str) -> bool:

@@ -1,0 +1,61 @@
+"""Command line for `impl.merge.merge_adapter`.
+
+    moe-compat-merge BASE_DIR ADAPTER_DIR OUT_DIR [--method merged_16bit|fp8] [--dtype bfloat16|float16|float32]
+                     [--overwrite] [--quiet]
+    python -m impl.merge_cli ...
+
+Exit status: 0 on success, 2 on a merge/checkpoint/adapter error (message on stderr, no output dir left behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+import torch
+
+from impl.checkpoint import CheckpointError
+from impl.merge import MERGED_16BIT, METHODS, MergeError, merge_adapter
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moe-compat-merge",
+        description="Merge a PEFT LoRA adapter (target_parameters experts LoRA and target_modules LoRA) into a "
+        "safetensors checkpoint (bf16 or FP8 base) and write a new checkpoint that plain transformers loads.",
+    )
+    p.add_argument("base_dir", help="base checkpoint dir (model.safetensors or model.safetensors.index.json + shards)")
+    p.add_argument("adapter_dir", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out_dir", help="output dir; written to a temporary dir next to it and renamed at the end")
+    p.add_argument("--method", choices=METHODS, default=MERGED_16BIT, help="merged_16bit (default) or fp8 (requant)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of dequantized FP8 weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    p.add_argument("--quiet", action="store_true", help="no per-shard progress lines on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = merge_adapter(
+            args.base_dir,
+            args.adapter_dir,
+            args.out_dir,
+            method=args.method,
+            dtype=DTYPES[args.dtype],
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except (MergeError, CheckpointError) as err:
+        print(f"moe-compat-merge: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(report), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
