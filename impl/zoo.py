@@ -163,17 +163,17 @@ def build_config(family: str, variant: str = "2i_ne_h", **overrides):
 
 
 def build_model(family: str, variant: str = "2i_ne_h", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A randomly initialised `*ForCausalLM` (eval mode) from `build_config`; deterministic in `seed`.
+    """A randomly initialised `*ForCausalLM` (eval mode) from `build_config`, deterministic in `seed`.
 
-    The model is built in float32 then cast, so the same seed gives the same (rounded) weights per dtype.
-    transformers' own fp32 pins (5.24 DeepSeek/GLM router weight) are then re-applied as upstream allocates them.
+    Built by `AutoModelForCausalLM.from_config(cfg, dtype=dtype)`, so parameters that transformers allocates
+    in a fixed dtype (5.24 DeepSeek-V3 / GLM4-MoE router weight: fp32) keep it, as in a real load.
     """
     cfg = build_config(family, variant, **overrides)
-    cls = getattr(transformers, compat.FAMILIES[family].causal_lm_class)
+    want = compat.FAMILIES[family].causal_lm_class
     torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    if dtype != torch.float32:
-        model = model.to(dtype)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    if type(model).__name__ != want:
+        raise RuntimeError(f"AutoModelForCausalLM built {type(model).__name__} for {family}, expected {want}")
     return model
 
 
