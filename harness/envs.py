@@ -100,7 +100,9 @@ def ensure_env(name: str, requirements: list[str], *, log: Path | None = None, e
     tmp_env = CellEnv(name, tmp)
     (tmp_env.site_packages / PTH_NAME).write_text(str(base_site_packages()) + "\n")
     if requirements:
-        _run([str(tmp_env.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+        # --no-compile: byte-compiling every module of transformers costs more CPU than the first import of the few used
+        _run([str(tmp_env.python), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check",
+              *requirements],
              log=log, timeout=timeout)
     _check_shared_torch(tmp_env)
     # venv scripts hard-code their interpreter path; we only ever call `python -m ...`, so the rename is safe.

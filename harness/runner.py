@@ -173,12 +173,27 @@ def _signal_name(rc: int) -> str:
         return f"signal {-rc}"
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    proc.wait()
+def _wait_with_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float]:
+    """Wait for ``proc`` (its own session) up to ``timeout`` s; on expiry kill its whole process group.
+
+    Returns (exit code or None when killed on timeout, CPU seconds user+sys of the process). ``os.wait4`` gives
+    the CPU time of this child alone, which tells the cell's own cost apart from the load of a shared machine.
+    """
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            break
+        if time.monotonic() > deadline and not timed_out:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it exited between the poll and the kill; the next wait4 reaps it
+        time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return (None if timed_out else proc.returncode), round(usage.ru_utime + usage.ru_stime, 2)
 
 
 def cell_status(checks: list[dict[str, Any]]) -> str:
@@ -261,20 +276,30 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     env_vars.pop("MOE_COMPAT_RESULTS", None)
     env_vars.setdefault("HYPOTHESIS_PROFILE", "ci")
     env_vars.setdefault("OMP_NUM_THREADS", threads)
-    progress.phase(cell.id, "probe")
     axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes]
     dists = sorted({*res.resolved, "torch", "bitsandbytes"})
-    try:
-        proc = subprocess.run([str(env.python), "-c", _PROBE, ",".join(dists), ",".join(axis_pkgs)],
-                              capture_output=True, text=True, timeout=install_timeout, cwd=ROOT, env=env_vars)
-    except subprocess.TimeoutExpired:
-        return finish("error", f"import probe timed out after {install_timeout:.0f}s")
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MOE_PROBE ")), None)
-    if proc.returncode != 0 or line is None:
-        with log.open("a") as f:
-            f.write(f"$ import probe\n{proc.stdout}{proc.stderr}\n")
-        return finish("error", f"import probe died (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
-    probe = json.loads(line[len("MOE_PROBE "):])
+    # A probe result is cached in the venv: same pins, same base, same packages asked -> same answer.
+    probe_key = json.dumps({"venv": envs.requirements_key(reqs), "dists": dists, "mods": axis_pkgs,
+                            "env": opts.env}, sort_keys=True)
+    probe_file = env.path / ".moe-compat-probe.json"
+    cached = json.loads(probe_file.read_text()) if reused and probe_file.exists() else {}
+    if cached.get("key") == probe_key:
+        progress.phase(cell.id, "probe", "cached")
+        probe = cached["probe"]
+    else:
+        progress.phase(cell.id, "probe")
+        try:
+            proc = subprocess.run([str(env.python), "-c", _PROBE, ",".join(dists), ",".join(axis_pkgs)],
+                                  capture_output=True, text=True, timeout=install_timeout, cwd=ROOT, env=env_vars)
+        except subprocess.TimeoutExpired:
+            return finish("error", f"import probe timed out after {install_timeout:.0f}s")
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MOE_PROBE ")), None)
+        if proc.returncode != 0 or line is None:
+            with log.open("a") as f:
+                f.write(f"$ import probe\n{proc.stdout}{proc.stderr}\n")
+            return finish("error", f"import probe died (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+        probe = json.loads(line[len("MOE_PROBE "):])
+        probe_file.write_text(json.dumps({"key": probe_key, "probe": probe}))
     rec["installed"] = probe["versions"]
     mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items() if probe["versions"].get(p) != v}
     if mismatched:
@@ -309,12 +334,9 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env_vars,
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            rc = None
+        rc, cpu = _wait_with_rusage(proc, timeout)
     timed("test", ts)
+    rec["phases"]["test_cpu"] = cpu
     checks, session, running, fin = read_results(results)
     rec["pytest_exit"] = rc
     rec["checks"] = checks + extra_checks
@@ -338,7 +360,9 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         return finish("skipped", f"no tests collected in {' '.join(tests)}")
     status = cell_status(rec["checks"])
     bad = [c for c in rec["checks"] if c["status"] in UNEXPECTED]
-    return finish(status, f"{len(bad)} unexpected result(s): " + ", ".join(c["name"] for c in bad[:8]) if bad else "")
+    names = list(dict.fromkeys(c["name"] for c in bad))
+    return finish(status, f"{len(bad)} unexpected result(s) in {len(names)} check(s): " + ", ".join(names[:8])
+                  + (", ..." if len(names) > 8 else "") if bad else "")
 
 
 def run_cells(matrix: Matrix, cells: list[CellSpec], *, source: VersionSource, run_dir: Path, opts: RunOptions,

@@ -115,6 +115,7 @@ def test_other_cells_still_run_and_stale_incompatible_surfaces(run):
     assert ok[0]["status"] == "pass" and ok[0]["metrics"] == {"x": 1.0}
     assert rec["resolved"] == {"pytest": pytest.__version__, "hypothesis": hypothesis.__version__}
     assert rec["freeze"] and rec["venv_bytes"] is not None and rec["phases"].keys() >= {"resolve", "install", "test"}
+    assert 0 < rec["phases"]["test_cpu"] < 60                          # CPU time of the pytest child alone
     assert (run[3] / "run" / "cells" / "p9-hok.json").exists()
 
 
