@@ -17,6 +17,7 @@ is fp32), and ``dequantize_nf4(..., dtype=torch.float64)`` returns the exact pro
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -144,15 +145,21 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, midpoints, right=False)
 
 
+@functools.lru_cache(maxsize=4)
+def _build_lut(code: tuple[float, ...]) -> torch.Tensor:
+    midpoints = torch.tensor(code, dtype=torch.float32)
+    midpoints = 0.5 * (midpoints[:-1] + midpoints[1:])
+    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / float(LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, grid, side="left")
+
+
 def _lut_nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """bitsandbytes >= 0.50.1 native CPU ``quantize_blockwise``: a 65536-entry lookup table, not an exact search.
 
     ``lut[i]`` = number of fp32 midpoints ``0.5f * (c[k] + c[k+1])`` strictly below ``-1 + 2i/65535`` (fp32);
     a value maps to ``lut[trunc((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)]`` (fp32 arithmetic).
     """
-    midpoints = 0.5 * (code[:-1] + code[1:])
-    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / float(LUT_SIZE - 1)
-    lut = torch.searchsorted(midpoints, grid, side="left")
+    lut = _build_lut(tuple(code.tolist()))
     v = scaled.clamp(-1.0, 1.0)
     idx = ((v + 1.0) * 0.5 * float(LUT_SIZE - 1) + 0.5).to(torch.int64)  # truncation, the value is positive
     return lut[idx]
