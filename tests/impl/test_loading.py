@@ -1,0 +1,196 @@
+"""Loading MoE models with quantized experts (impl/loading.py) in this environment's transformers.
+
+- 5.x (fused experts): from a checkpoint directory, the loaded NF4 / FP8 storage is exactly the quantization of the
+  checkpoint's expert weights (same packed bytes / codes and scales as quantizing the in-memory model), expert bytes
+  drop >= 3.5x under NF4 (recorded), routers and everything else are untouched.
+- 4.57 (ModuleList experts): NF4 through transformers' BitsAndBytesConfig: every expert Linear is Linear4bit, the
+  router gate / lm_head stay nn.Linear; the MoE block equals the float64 reference on the reference-dequantized
+  weights (bf16 bound 2e-2, moe_helpers.REL_TOL); LoRA on the per-expert Linear4bit gets gradients exactly for routed
+  experts; FP8 on ModuleList experts raises (transformers' FP8Linear needs a GPU).
+- GPU (marked gpu): the same quantized model moved to CUDA computes what it computes on CPU (bf16 bound), with LoRA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+from impl import zoo  # noqa: E402
+from impl.loading import load_model, quantize_experts  # noqa: E402
+from impl.quant_experts import FP8Config, NF4Config, QuantizedExperts, QuantizedExpertsError  # noqa: E402
+from reference import experts as ref_experts  # noqa: E402
+from reference import nf4 as ref_nf4  # noqa: E402
+from reference import routing as ref_routing  # noqa: E402
+from tests.impl.moe_helpers import REL_TOL, rel_err, tiny  # noqa: E402
+
+pytestmark = pytest.mark.upstream
+V = zoo.installed_version()
+MODULE_LIST = zoo.compat.expert_layout("qwen3_moe", V) == "module_list"
+IDS = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+BF16 = torch.bfloat16
+
+
+def _saved(tmp_path, family="qwen3_moe", variant="2i_ne_h"):
+    m = tiny(family, variant, dtype=BF16)
+    m.save_pretrained(str(tmp_path))
+    return m
+
+
+@pytest.mark.skipif(MODULE_LIST, reason=f"transformers {V} has ModuleList experts (see the 4.57 tests below)")
+@pytest.mark.parametrize(
+    "cfg", [NF4Config(double_quant=False), NF4Config(double_quant=True), FP8Config(block=(16, 16))]
+)
+def test_load_checkpoint_quantizes_checkpoint_weights(tmp_path, cfg, record_property):
+    src = _saved(tmp_path)
+    loaded, rep = load_model(str(tmp_path), cfg)
+    ref = tiny("qwen3_moe", dtype=BF16)
+    ref_rep = quantize_experts(ref, cfg)
+    assert rep.modules == ref_rep.modules and len(rep.modules) == len(zoo.describe(src)["experts"])
+    for a, b in zip(zoo.describe(loaded)["experts"], zoo.describe(ref)["experts"]):
+        assert isinstance(a, QuantizedExperts)
+        for n in ("gate_up_proj", "down_proj"):
+            sa, sb = a.storage(n), b.storage(n)
+            for (ka, ta), (kb, tb) in zip(sa.named_buffers(), sb.named_buffers()):
+                assert ka == kb and torch.equal(ta.reshape(-1).view(torch.uint8), tb.reshape(-1).view(torch.uint8)), (
+                    n,
+                    ka,
+                )
+    assert torch.equal(loaded(IDS).logits, ref(IDS).logits)
+    record_property(f"expert_bytes_bf16_{cfg.kind}", rep.bytes_before)
+    record_property(f"expert_bytes_{cfg.kind}", rep.bytes_after)
+    if cfg.kind == "nf4":
+        assert rep.ratio >= 3.5, rep
+    # routers untouched: same dtype and values as the checkpoint
+    for r_src, r_new in zip(zoo.describe(src)["routers"], zoo.describe(loaded)["routers"]):
+        for (n, p), (_, q) in zip(r_src.named_parameters(), r_new.named_parameters()):
+            assert p.dtype == q.dtype and torch.equal(p, q), n
+
+
+@pytest.mark.skipif(MODULE_LIST, reason=f"transformers {V} has ModuleList experts")
+def test_in_memory_model_fp8():
+    m = tiny("qwen3_moe", dtype=BF16)
+    _, rep = load_model(m, FP8Config(block=(16, 16)))
+    assert all(isinstance(e, QuantizedExperts) and e.kind == "fp8" for e in zoo.describe(m)["experts"])
+    assert rep.bytes_after < rep.bytes_before / 1.5
+
+
+# --- transformers 4.57: ModuleList experts ----------------------------------------------------------------------
+
+
+def _module_list_nf4(tmp_path):
+    src = _saved(tmp_path, variant="fp8")  # dims multiple of 64 (bnb CPU dequant needs it, see test_quant_experts)
+    model, _ = load_model(str(tmp_path), NF4Config())
+    return src, model
+
+
+def _dequant(lin) -> torch.Tensor:
+    """Reference dequantization (reference.nf4) of a bnb Linear4bit weight, fp32 [out, in]."""
+    qs = lin.weight.quant_state
+    assert not qs.nested
+    state = ref_nf4.NF4State(absmax=qs.absmax.float(), blocksize=qs.blocksize, shape=qs.shape, dtype=qs.dtype)
+    return ref_nf4.dequantize_nf4(lin.weight.data.reshape(-1), state, torch.float32)
+
+
+@pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
+def test_module_list_nf4_keeps_routers_and_quantizes_experts(tmp_path, record_property):
+    import bitsandbytes as bnb
+
+    _, model = _module_list_nf4(tmp_path)
+    d = zoo.describe(model)
+    assert type(model.lm_head) is torch.nn.Linear
+    bf16_bytes = nf4_bytes = 0
+    for layer in d["layers"]:
+        assert type(layer.router) is torch.nn.Linear and layer.router.weight.dtype == BF16
+        for expert in layer.experts:
+            for lin in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                assert isinstance(lin, bnb.nn.Linear4bit), type(lin)
+                qs = lin.weight.quant_state
+                bf16_bytes += qs.shape.numel() * 2
+                nf4_bytes += lin.weight.data.numel() + qs.absmax.numel() * qs.absmax.element_size()
+    record_property("expert_bytes_bf16", bf16_bytes)
+    record_property("expert_bytes_nf4", nf4_bytes)
+    assert bf16_bytes / nf4_bytes >= 3.5
+
+
+@pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
+def test_module_list_nf4_block_matches_reference(tmp_path):
+    _, model = _module_list_nf4(tmp_path)
+    d = zoo.describe(model)
+    layer = d["layers"][0]
+    x = torch.randn(1, 12, d["H"], generator=torch.Generator().manual_seed(4)).to(BF16)
+    out, logits = layer.block(x)
+    w, idx = ref_routing.softmax_topk(logits.to(torch.float64), d["k"], **{"renormalize": d["router"]["renormalize"]})
+    gate = [_dequant(e.gate_proj) for e in layer.experts]
+    up = [_dequant(e.up_proj) for e in layer.experts]
+    down = [_dequant(e.down_proj) for e in layer.experts]
+    ref = ref_experts.module_list_experts(
+        x.reshape(-1, d["H"]).to(torch.float64), idx, w, gate, up, down, act=d["act"], compute_dtype=torch.float64
+    )
+    assert rel_err(out.reshape(-1, d["H"]), ref) <= REL_TOL[BF16]
+
+
+@pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
+def test_module_list_nf4_lora_grads_per_routed_expert(tmp_path):
+    peft = pytest.importorskip("peft")
+    _, model = _module_list_nf4(tmp_path)
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"])
+    )
+    layer = zoo.describe(pm.base_model.model)["layers"][0]
+    hits = set()
+    handle = layer.block.gate.register_forward_hook(
+        lambda mod, args, out: hits.update(torch.topk(out.float().softmax(-1), 2, -1).indices.reshape(-1).tolist())
+    )
+    pm(IDS, labels=IDS).loss.backward()
+    handle.remove()
+    for e, expert in enumerate(layer.experts):
+        g = expert.down_proj.lora_B["default"].weight.grad
+        got = g is not None and bool(g.abs().sum() > 0)
+        assert got == (e in hits), (e, sorted(hits))
+
+
+@pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
+def test_module_list_fp8_and_in_memory_refused(tmp_path):
+    _saved(tmp_path)
+    with pytest.raises(QuantizedExpertsError, match="FP8Linear needs a GPU"):
+        load_model(str(tmp_path), FP8Config())
+    with pytest.raises(QuantizedExpertsError, match="save it and pass the directory"):
+        load_model(tiny("qwen3_moe", dtype=BF16), NF4Config())
+
+
+# --- GPU -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_gpu_matches_cpu_with_lora(kind):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (run on the H200: pytest -m gpu)")
+    peft = pytest.importorskip("peft")
+    family = "gpt_oss" if MODULE_LIST else "qwen3_moe"
+    m = tiny(family, "fp8", dtype=BF16)
+    cfg = NF4Config() if kind == "nf4" else FP8Config(block=(128, 128))
+    quantize_experts(m, cfg)
+    pm = peft.get_peft_model(
+        m, peft.LoraConfig(r=4, lora_alpha=8, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    )
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    cpu = pm(IDS, labels=IDS)
+    cpu.loss.backward()
+    cpu_grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    pm.zero_grad()
+    pm.to("cuda")
+    q = next(mm for mm in pm.modules() if isinstance(mm, QuantizedExperts))
+    assert q.gate_up_proj.device.type == "cuda" and q.storage("gate_up_proj").device.type == "cuda"
+    gpu = pm(IDS.cuda(), labels=IDS.cuda())
+    gpu.loss.backward()
+    assert rel_err(gpu.logits.cpu(), cpu.logits) <= REL_TOL[BF16]
+    for n, p in pm.named_parameters():
+        if n in cpu_grads and "lora_" in n:
+            assert rel_err(p.grad.cpu(), cpu_grads[n]) <= 4 * REL_TOL[BF16], n
