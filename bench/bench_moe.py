@@ -49,12 +49,13 @@ MODELS = {  # name: (H, I, E, top_k)
     "gpt_oss_120b_like": (2880, 2880, 128, 4),  # GPT-OSS-120B expert shapes in the fused_linear layout (SiLU-GLU, no bias)
     "deepseek_v3_like": (7168, 2048, 256, 8),  # all 256 routed experts (no shared expert)
 }
-VARIANTS = ["bf16_grouped_mm", "nf4_dequant_grouped_mm", "bf16_fused_lora", "nf4_fused", "fp8_block_fused",
+VARIANTS = ["bf16_grouped_mm", "bf16_grouped_mm+gather", "nf4_dequant_grouped_mm", "bf16_fused_lora", "nf4_fused", "fp8_block_fused",
             "fp8_rowwise_scaled"]
-BYTES_PER_PARAM = {"bf16_grouped_mm": 2.0, "bf16_fused_lora": 2.0, "nf4_dequant_grouped_mm": 0.5625,
+STOCK_COMBINE = ("bf16_grouped_mm", "nf4_dequant_grouped_mm")  # stock layers: index_add_ combine
+BYTES_PER_PARAM = {"bf16_grouped_mm": 2.0, "bf16_grouped_mm+gather": 2.0, "bf16_fused_lora": 2.0, "nf4_dequant_grouped_mm": 0.5625,
                    "nf4_fused": 0.5625, "fp8_block_fused": 1.0 + 4 / 16384, "fp8_rowwise_scaled": 1.0}
 RANK = 16
-STOCK_REF = {"bf16_fused_lora": "bf16_grouped_mm", "nf4_fused": "nf4_dequant_grouped_mm",
+STOCK_REF = {"bf16_fused_lora": "bf16_grouped_mm", "bf16_grouped_mm+gather": "bf16_grouped_mm", "nf4_fused": "nf4_dequant_grouped_mm",
              "nf4_dequant_grouped_mm": "bf16_grouped_mm", "fp8_block_fused": "bf16_grouped_mm",
              "fp8_rowwise_scaled": "bf16_grouped_mm"}
 
@@ -67,7 +68,7 @@ def build_weights(H, I, E, variants):
     gu = torch.randn(E, 2 * I, H, device=DEV, dtype=torch.bfloat16) * 0.02
     dn = torch.randn(E, H, I, device=DEV, dtype=torch.bfloat16) * 0.02
     bf = (GroupedWeight(FMT_BF16, tuple(gu.shape), gu), GroupedWeight(FMT_BF16, tuple(dn.shape), dn))
-    out = {"bf16_grouped_mm": bf, "bf16_fused_lora": bf}
+    out = {"bf16_grouped_mm": bf, "bf16_fused_lora": bf, "bf16_grouped_mm+gather": bf}
     if {"nf4_fused", "nf4_dequant_grouped_mm"} & set(variants):
         nf = (quantize_nf4_experts(gu), quantize_nf4_experts(dn))
         out["nf4_fused"] = out["nf4_dequant_grouped_mm"] = nf
@@ -79,7 +80,7 @@ def build_weights(H, I, E, variants):
 
 
 def linear_of(variant):
-    if variant in ("bf16_grouped_mm", "nf4_dequant_grouped_mm"):
+    if variant in ("bf16_grouped_mm", "nf4_dequant_grouped_mm", "bf16_grouped_mm+gather"):
         return torch_grouped_linear
     if variant == "fp8_rowwise_scaled":
         return fp8_rowwise_linear
@@ -152,12 +153,13 @@ def bench_model(name, tokens_list, variants, scopes, rows, long_tokens=4096, flu
                         continue
                     gu, dn = W[v]
                     lin = linear_of(v)
+                    cmode = "index_add" if v in STOCK_COMBINE else "gather"
                     # ---- whole layer
                     if "layer" in scopes:
                         if mode == "fwd":
-                            def fn(gu=gu, dn=dn, lin=lin, lmap=lmap):
+                            def fn(gu=gu, dn=dn, lin=lin, lmap=lmap, cmode=cmode):
                                 with torch.no_grad():
-                                    return moe_layer(x, idx, w, gu, dn, lmap, lin)
+                                    return moe_layer(x, idx, w, gu, dn, lmap, lin, cmode)
                         else:
                             leaves = [x.detach().clone().requires_grad_(True)]
                             lm = None
@@ -168,8 +170,8 @@ def bench_model(name, tokens_list, variants, scopes, rows, long_tokens=4096, flu
                                     leaves += [A_, B_]
                                     lm[key] = (A_, B_, s)
 
-                            def fn(gu=gu, dn=dn, lin=lin, lm=lm, leaves=leaves):
-                                out = moe_layer(leaves[0], idx, w, gu, dn, lm, lin)
+                            def fn(gu=gu, dn=dn, lin=lin, lm=lm, leaves=leaves, cmode=cmode):
+                                out = moe_layer(leaves[0], idx, w, gu, dn, lm, lin, cmode)
                                 return torch.autograd.grad(out, leaves, dy)
                         try:
                             res = fn()
@@ -190,15 +192,17 @@ def bench_model(name, tokens_list, variants, scopes, rows, long_tokens=4096, flu
                                 a, b = res.float(), ref_out[(ref_v, lora)]
                                 row["rel_err"] = float((a - b).norm() / b.norm())
                                 row["rel_err_vs"] = ref_v
-                        if v == "bf16_grouped_mm":
-                            base_t[("layer", "layer")] = t
-                        bt = base_t.get(("layer", "layer"))
+                        if v in ("bf16_grouped_mm", "bf16_grouped_mm+gather"):
+                            base_t[("layer", v)] = t
+                        bt = base_t.get(("layer", "bf16_grouped_mm"))
                         row["ratio_vs_bf16"] = round(t / bt, 3) if bt else None
+                        bg = base_t.get(("layer", "bf16_grouped_mm+gather"))
+                        row["ratio_vs_bf16_gather"] = round(t / bg, 3) if bg else None
                         rows.append(row)
                         log(f"   layer T={T:6d} {mode:7s} lora={int(lora)} {v:24s} {t:10.1f} us  "
                             f"x{row['ratio_vs_bf16']}  {row['pct_of_roofline']}%  err={row.get('rel_err', '')}")
                     # ---- bare GEMMs (sorted rows as input)
-                    if "gemm" in scopes:
+                    if "gemm" in scopes and v != "bf16_grouped_mm+gather":
                         for proj, gw in (("gate_up", gu), ("down", dn)):
                             _, R, C = gw.shape
                             xs = torch.randn(S, C, device=DEV, dtype=torch.bfloat16, generator=g)
@@ -273,6 +277,40 @@ def markdown(meta, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets(rows) -> str:
+    """The issue's target figures, per model, against the stock bf16 layer and the bf16 layer with our combine."""
+    def t(model, T, mode, lora, v):
+        m = [r for r in rows if r["scope"] == "layer" and r["model"] == model and r["tokens"] == T
+             and r["mode"] == mode and r["lora"] == lora and r["variant"] == v and "time_us" in r]
+        return m[0]["time_us"] if m else None
+
+    def fmt(a, b, inv=False):
+        if a is None or b is None:
+            return "n/a"
+        return f"{(b / a if inv else a / b):.2f}"
+
+    out = ["", "## Target figures (layer scope)", "",
+           "| model | figure | target | vs stock bf16 layer | vs bf16 layer with our gather combine |",
+           "|---|---|---|---:|---:|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        B, G = "bf16_grouped_mm", "bf16_grouped_mm+gather"
+        nl = t(model, 16384, "fwd_bwd", True, "nf4_fused")
+        out.append(f"| {model} | NF4+LoRA fwd_bwd 16384, time ratio (LoRA baseline) | <= 0.85 | "
+                   f"{fmt(nl, t(model, 16384, 'fwd_bwd', True, B))} | {fmt(nl, t(model, 16384, 'fwd_bwd', True, G))} |")
+        for v in ("bf16_fused_lora", "nf4_fused"):
+            a, b = t(model, 16384, "fwd_bwd", True, v), t(model, 16384, "fwd_bwd", False, v)
+            ov = f"{100 * (a / b - 1):.1f} %" if a and b else "n/a"
+            out.append(f"| {model} | LoRA overhead fwd_bwd 16384, {v} | <= 8 % | {ov} | (same) |")
+        for T in (16, 64):
+            n = t(model, T, "fwd", False, "nf4_fused")
+            out.append(f"| {model} | NF4 decode fwd {T} tokens, speedup | >= 2x | "
+                       f"{fmt(n, t(model, T, 'fwd', False, B), True)} | {fmt(n, t(model, T, 'fwd', False, G), True)} |")
+        f8 = t(model, 16384, "fwd", False, "fp8_block_fused")
+        out.append(f"| {model} | FP8 block fwd 16384, speedup | >= 1.5x | "
+                   f"{fmt(f8, t(model, 16384, 'fwd', False, B), True)} | {fmt(f8, t(model, 16384, 'fwd', False, G), True)} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -304,7 +342,7 @@ def main(argv=None):
     def flush():
         meta["elapsed_s"] = round(time.time() - t0, 1)
         (out_dir / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-        (out_dir / f"{stem}.md").write_text(markdown(meta, rows))
+        (out_dir / f"{stem}.md").write_text(markdown(meta, rows) + targets(rows))
 
     for m in args.models.split(","):
         tokens = per_model.get(m, [int(t) for t in args.tokens.split(",")])

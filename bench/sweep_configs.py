@@ -23,12 +23,33 @@ from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, TileConfig, grouped_m
 from impl.ops.moe_layer import sort_pairs  # noqa: E402
 from impl.ops.quant import quantize_fp8_block_experts, quantize_nf4_experts  # noqa: E402
 
-DECODE = [TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 128, 4, 4), TileConfig(16, 64, 256, 4, 3),
-          TileConfig(16, 32, 256, 4, 4), TileConfig(16, 128, 64, 4, 5), TileConfig(16, 64, 128, 2, 4),
-          TileConfig(32, 64, 128, 4, 4), TileConfig(16, 256, 128, 8, 3)]
-PREFILL = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 4, 4), TileConfig(128, 256, 64, 8, 3),
-           TileConfig(64, 128, 64, 4, 4), TileConfig(128, 128, 128, 8, 3), TileConfig(64, 256, 64, 8, 3),
-           TileConfig(128, 64, 128, 4, 3), TileConfig(64, 128, 128, 4, 3)]
+T = TileConfig
+DECODE = {
+    "bf16": [T(16, 64, 256, 4, 3), T(16, 128, 64, 4, 5)],
+    "nf4": [T(16, 64, 128, 4, 4, 2), T(16, 128, 128, 4, 4, 2), T(16, 64, 256, 4, 3, 2), T(16, 128, 64, 4, 4, 2),
+            T(16, 256, 128, 8, 3, 2), T(16, 64, 128, 4, 4, 1), T(16, 128, 128, 4, 4, 1), T(16, 256, 128, 8, 3, 1),
+            T(16, 64, 128, 2, 4, 1), T(16, 64, 64, 4, 4, 2)],
+    "fp8_block": [T(16, 128, 128, 4, 4), T(16, 256, 128, 8, 3), T(16, 64, 128, 4, 4)],
+}
+DECODE_T = {  # trans=True (input gradient): nf4 tiles are [BK, BN] with BN the contiguous axis
+    "bf16": [T(16, 128, 64, 4, 5)],
+    "nf4": [T(16, 64, 128, 2, 4), T(16, 64, 128, 4, 4), T(16, 128, 64, 4, 4), T(16, 64, 64, 4, 5),
+            T(16, 128, 128, 8, 3), T(16, 64, 256, 4, 3)],
+    "fp8_block": [T(16, 128, 128, 4, 4), T(16, 64, 128, 4, 4)],
+}
+PREFILL = {
+    "bf16": [T(128, 256, 64, 8, 3), T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 4)],
+    "nf4": [T(128, 128, 64, 8, 3, 1), T(128, 256, 64, 8, 3, 1), T(128, 128, 128, 8, 3, 1), T(64, 128, 64, 4, 4, 1),
+            T(128, 64, 64, 4, 4, 1), T(64, 256, 64, 8, 3, 1), T(128, 128, 64, 8, 3, 2), T(128, 256, 64, 8, 3, 0)],
+    "fp8_block": [T(128, 128, 128, 8, 3), T(128, 256, 128, 8, 3), T(64, 128, 128, 4, 4), T(128, 128, 128, 4, 4),
+                  T(64, 256, 128, 8, 3)],
+}
+PREFILL_T = {
+    "bf16": [T(128, 256, 64, 8, 3), T(128, 128, 64, 8, 4)],
+    "nf4": [T(128, 128, 64, 8, 3), T(128, 256, 64, 8, 3), T(64, 128, 64, 4, 4), T(128, 64, 64, 4, 4),
+            T(128, 128, 32, 8, 4), T(64, 64, 64, 4, 4)],
+    "fp8_block": [T(128, 128, 128, 8, 3), T(64, 128, 128, 4, 4), T(128, 256, 128, 8, 3)],
+}
 
 
 def main():
@@ -54,7 +75,7 @@ def main():
             for fmt in a.fmts.split(","):
                 gw = Ws[fmt]
                 best = None
-                for cfg in (DECODE if S / E <= 16 else PREFILL):
+                for cfg in ((DECODE_T if trans else DECODE) if S / E <= 16 else (PREFILL_T if trans else PREFILL))[fmt]:
                     if fmt == "fp8_block" and cfg.BK != 128:
                         continue
                     if fmt == "nf4" and (cfg.BN if trans else cfg.BK) % 64:

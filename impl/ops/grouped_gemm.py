@@ -97,13 +97,19 @@ class GroupedWeight:
 @dataclass(frozen=True)
 class TileConfig:
     """Block sizes of one launch. BK is the reduction tile; nf4 needs its contiguous-axis tile >= 64 and a multiple
-    of 64 (BK when not trans, BN when trans); fp8 needs BK == 128."""
+    of 64 (BK when not trans, BN when trans); fp8 needs BK == 128.
+
+    nf4_mode (forward only; the input-gradient path has one form): 0 = dequantize [BN, BK] and transpose in registers;
+    1 = build the [BK, BN] tile from [BK/2, BN] bytes (join + permute, no transpose); 2 = swap-AB (the dequantized
+    [BN, BK] tile is the left operand, the output tile is computed transposed: weight streaming for decode).
+    """
 
     BM: int
     BN: int
     BK: int
     num_warps: int = 4
     num_stages: int = 3
+    nf4_mode: int = 1
 
 
 # ----------------------------------------------------------------------------------------------------- kernel pieces
@@ -134,16 +140,38 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rows, cols0, R, C, COLS:
 
 
 @triton.jit
-def _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_we, stride_wr, stride_wc,
+def _nf4_tile_kmajor(packed_ptr, absmax_ptr, code_ptr, e_base, k0, rn, nmask, C, BK: tl.constexpr,
+                     OUT_DTYPE: tl.constexpr):
+    """[BK, BN] tile with element (k, n) = W_e[n, k0 + k], built from the bytes [BK/2, BN] (two k per byte): the
+    high/low nibbles are joined on a new minor axis and folded into K, so no transpose of the dequantized tile."""
+    kb = k0 // 2 + tl.arange(0, BK // 2)
+    n64 = rn.to(tl.int64)
+    m = (kb < C // 2)[:, None] & nmask[None, :]
+    byte = tl.load(packed_ptr + e_base // 2 + n64[None, :] * (C // 2) + kb[:, None], mask=m, other=0).to(tl.int32)
+    am = tl.load(absmax_ptr + e_base // 64 + n64[None, :] * (C // 64) + (kb // 32)[:, None], mask=m, other=0.0)
+    hv = (tl.load(code_ptr + ((byte >> 4) & 15)) * am).to(OUT_DTYPE)
+    lv = (tl.load(code_ptr + (byte & 15)) * am).to(OUT_DTYPE)
+    return tl.reshape(tl.permute(tl.join(hv, lv), (0, 2, 1)), (BK, rn.shape[0]))
+
+
+@triton.jit
+def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_ptr, stride_we, stride_wr, stride_wc,
             s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
             R, C, KRED, K_END,
-            WFMT: tl.constexpr, TRANS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr):
-    """The reduction loop over [0, K_END) (K_END == KRED; a Python int under the interpreter)."""
+            WFMT: tl.constexpr, TRANS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
+            NF4_MODE: tl.constexpr, X_FP8: tl.constexpr):
+    """The reduction loop over [0, K_END) (K_END == KRED; a Python int under the interpreter).
+
+    acc is [BM, BN], except for NF4_MODE == 2 (swap-AB, not trans): acc is [BN, BM] = W_tile @ x_tile.T."""
     for k0 in range(0, K_END, BK):
         rk = k0 + tl.arange(0, BK)
         kmask = rk < KRED
-        a = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if WFMT == 1 and NF4_MODE == 2 and not TRANS:
+            at = tl.load(x_ptr + rm64[None, :] * stride_xm + rk[:, None] * stride_xk,
+                         mask=mmask[None, :] & kmask[:, None], other=0.0)  # [BK, BM]
+        else:
+            a = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=mmask[:, None] & kmask[None, :], other=0.0)
         if WFMT == 0:
             if TRANS:  # element (k, n) = W[e, k, n]
                 b = tl.load(w_ptr + e64 * stride_we + rk[:, None] * stride_wr + rn[None, :] * stride_wc,
@@ -159,26 +187,45 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_we, stride_wr, strid
             e_base = e64 * R * C
             if TRANS:  # rows = k (R axis), cols = n (C axis, contiguous)
                 wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rk, pid_n * BN, R, C, BN)
-            else:  # rows = n (R axis), cols = k (C axis, contiguous)
+                if DOT_FP32:
+                    acc += tl.dot(a.to(tl.float32), wt)
+                else:
+                    acc = tl.dot(a, wt.to(a.dtype), acc)
+            elif NF4_MODE == 2:  # swap-AB: the dequantized [BN, BK] tile is the A operand, no transpose
+                wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK)
+                if DOT_FP32:
+                    acc += tl.dot(wt, at.to(tl.float32))
+                else:
+                    acc = tl.dot(wt.to(at.dtype), at, acc)
+            elif NF4_MODE == 1:
+                if DOT_FP32:
+                    wt = _nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, tl.float32)
+                    acc += tl.dot(a.to(tl.float32), wt)
+                else:
+                    wt = _nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, a.dtype)
+                    acc = tl.dot(a, wt, acc)
+            else:  # rows = n (R axis), cols = k (C axis, contiguous), transposed in registers
                 wt = tl.trans(_nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK))
-            if DOT_FP32:
-                acc += tl.dot(a.to(tl.float32), wt)
-            else:
-                acc = tl.dot(a, wt.to(a.dtype), acc)
+                if DOT_FP32:
+                    acc += tl.dot(a.to(tl.float32), wt)
+                else:
+                    acc = tl.dot(a, wt.to(a.dtype), acc)
         else:
-            # 1x128 activation quantization in registers, then an fp8 dot and the two block scales.
-            af = a.to(tl.float32)
-            amax = tl.max(tl.abs(af), axis=1)
-            xs = tl.maximum(amax / 448.0, 1e-12)
-            aqf = tl.clamp(af / xs[:, None], -448.0, 448.0)
-            if DOT_FP32:
-                # The interpreter's fp32 -> e4m3 cast is wrong when the mantissa rounds up (e.g. 126.2 -> 64):
-                # round to the e4m3 grid in fp32 arithmetic instead (3 mantissa bits, subnormal step 2^-9).
-                ex = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(aqf), 1e-30))), -6.0)
-                step = tl.exp2(ex - 3.0)
-                aq = tl.floor(aqf / step + 0.5) * step
-            else:
-                aq = aqf.to(tl.float8e4nv)
+            if X_FP8:  # activations pre-quantized 1x128 (e4m3 codes + fp32 scale per row and 128 columns)
+                xs = tl.load(xs_ptr + rm64 * stride_xsm + (k0 // 128) * stride_xsk, mask=mmask, other=0.0)
+                if DOT_FP32:
+                    aq = a.to(tl.float32)
+                else:
+                    aq = a
+            else:  # 1x128 activation quantization in registers
+                af = a.to(tl.float32)
+                amax = tl.max(tl.abs(af), axis=1)
+                xs = tl.maximum(amax / 448.0, 1e-12)
+                aqf = tl.clamp(af / xs[:, None], -448.0, 448.0)
+                if DOT_FP32:
+                    aq = _e4m3_round_emulated(aqf)
+                else:
+                    aq = aqf.to(tl.float8e4nv)
             if TRANS:
                 b = tl.load(w_ptr + e64 * stride_we + rk[:, None] * stride_wr + rn[None, :] * stride_wc,
                             mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -198,8 +245,18 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_we, stride_wr, strid
 
 
 @triton.jit
+def _e4m3_round_emulated(v):
+    """Interpreter only: its fp32 -> e4m3 cast is wrong when the mantissa rounds up (e.g. 126.2 -> 64); round to the
+    e4m3 grid in fp32 arithmetic instead (3 mantissa bits, subnormal step 2^-9; ties away from zero)."""
+    ex = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
+    step = tl.exp2(ex - 3.0)
+    return tl.floor(v / step + 0.5) * step
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     x_ptr, stride_xm, stride_xk,
+    xs_ptr, stride_xsm, stride_xsk,
     w_ptr, stride_we, stride_wr, stride_wc,
     s_ptr, stride_se, stride_sr, stride_sc,
     code_ptr,
@@ -211,6 +268,7 @@ def _grouped_gemm_kernel(
     E, R, C, NOUT, KRED, K_LOOP: tl.constexpr,
     WFMT: tl.constexpr, TRANS: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr,
     E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
+    NF4_MODE: tl.constexpr, X_FP8: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -234,15 +292,23 @@ def _grouped_gemm_kernel(
     nmask = rn < NOUT
     rm64 = rm.to(tl.int64)
     e64 = e.to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if K_LOOP > 0:  # interpreter: a Python-int loop bound (it cannot loop over a runtime scalar)
-        acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_we, stride_wr, stride_wc,
-                      s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
-                      R, C, KRED, K_LOOP, WFMT, TRANS, BN, BK, DOT_FP32)
+    SWAP: tl.constexpr = (WFMT == 1) and (NF4_MODE == 2) and (not TRANS)
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
-        acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_we, stride_wr, stride_wc,
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if K_LOOP > 0:  # interpreter: a Python-int loop bound (it cannot loop over a runtime scalar)
+        acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
+                      w_ptr, stride_we, stride_wr, stride_wc,
                       s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
-                      R, C, KRED, KRED, WFMT, TRANS, BN, BK, DOT_FP32)
+                      R, C, KRED, K_LOOP, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8)
+    else:
+        acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
+                      w_ptr, stride_we, stride_wr, stride_wc,
+                      s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
+                      R, C, KRED, KRED, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8)
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_LORA:
         rr = tl.arange(0, RANK_P)
         rmask = rr < RANK
@@ -256,6 +322,39 @@ def _grouped_gemm_kernel(
             acc += lora_scale * tl.dot(la, lb.to(la.dtype))
     tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+                      BMQ: tl.constexpr, EMULATE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    kb = tl.program_id(1)
+    rm = pid_m * BMQ + tl.arange(0, BMQ)
+    rk = kb * 128 + tl.arange(0, 128)
+    m = (rm < M)[:, None] & (rk < K)[None, :]
+    rm64 = rm.to(tl.int64)
+    x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :], mask=m, other=0.0).to(tl.float32)
+    sc = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
+    q = tl.clamp(x / sc[:, None], -448.0, 448.0)
+    if EMULATE:
+        q = _e4m3_round_emulated(q)  # exactly representable, so the interpreter's cast is exact
+    tl.store(q_ptr + rm64[:, None] * stride_qm + rk[None, :], q.to(tl.float8e4nv), mask=m)
+    tl.store(s_ptr + rm64 * stride_sm + kb, sc, mask=rm < M)
+
+
+def quantize_act_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q e4m3fn [M, K], scale fp32 [M, ceil(K/128)]): `reference.fp8.quantize_act_groups(x, 128)` in one pass."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be a row-major [M, K] tensor, got {tuple(x.shape)} strides {x.stride()}")
+    M, K = x.shape
+    nkb = triton.cdiv(K, FP8_BLOCK)
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    sc = torch.empty((M, nkb), dtype=torch.float32, device=x.device)
+    if M:
+        BMQ = 32
+        _act_quant_kernel[(triton.cdiv(M, BMQ), nkb)](x, q, sc, M, K, x.stride(0), q.stride(0), sc.stride(0),
+                                                      BMQ=BMQ, EMULATE=interpret_mode(), num_warps=4)
+    return q, sc
 
 
 # ----------------------------------------------------------------------------------------------------- python API
@@ -282,10 +381,10 @@ def default_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int
         return TileConfig(128, 128, 128, 8, 3)
     if fmt == FMT_NF4:
         if per_expert <= 16:
-            return TileConfig(16, 64, 128, 4, 4)
+            return TileConfig(16, 64, 128, 4, 4, nf4_mode=2)
         if per_expert <= 128:
-            return TileConfig(64, 64, 128, 4, 3)
-        return TileConfig(128, 128, 64, 8, 3)
+            return TileConfig(64, 64, 128, 4, 3, nf4_mode=1)
+        return TileConfig(128, 128, 64, 8, 3, nf4_mode=1)
     if per_expert <= 16:
         return TileConfig(16, 64, 128, 4, 4)
     if per_expert <= 128:
@@ -305,12 +404,15 @@ def grouped_mm(
     out: torch.Tensor | None = None,
     config: TileConfig | None = None,
     dot_fp32: bool | None = None,
+    act_prequant: bool | None = None,
 ) -> torch.Tensor:
     """Grouped ``x @ W_e.T`` (``trans=False``: x [S, C] -> [S, R]) or ``x @ W_e`` (``trans=True``: x [S, R] -> [S, C]).
 
     offsets: int32 [E] END offsets on x's device (``offsets[-1] <= S``; rows past it are left unwritten).
     lora_in [S, r] and lora_out [E, r, out] (any strides) add ``lora_scale * lora_in[m] @ lora_out[e]`` to each row.
     Output dtype: x's dtype (bf16/fp16/fp32). ``dot_fp32`` defaults to True under TRITON_INTERPRET=1.
+    fp8_block: ``act_prequant`` quantizes x (1x128) in a separate pass first (default: when the mean rows per expert
+    exceed 16, where quantizing in every N tile would cost more than one extra pass over x).
     """
     E, R, C = weight.shape
     if x.dim() != 2:
@@ -364,11 +466,22 @@ def grouped_mm(
         ws = w.stride()
         ss = (0, 0, 0)
         s_t, code = x.new_empty(1, dtype=torch.float32), x.new_empty(1, dtype=torch.float32)
+    xs_t, xss = x.new_empty(1, dtype=torch.float32), (0, 0)
+    x_in = x
+    x_fp8 = False
+    if weight.fmt == FMT_FP8:
+        if act_prequant is None:
+            act_prequant = S / max(1, E) > 16
+        if act_prequant and S:
+            x_in, xs_t = quantize_act_1x128(x)
+            xss = xs_t.stride()
+            x_fp8 = True
     if S == 0:
         return out
     grid = (triton.cdiv(nout, cfg.BN), triton.cdiv(S, cfg.BM) + E)
     _grouped_gemm_kernel[grid](
-        x, x.stride(0), x.stride(1),
+        x_in, x_in.stride(0), x_in.stride(1),
+        xs_t, xss[0], xss[1],
         w, ws[0], ws[1], ws[2],
         s_t, ss[0], ss[1], ss[2],
         code,
@@ -380,6 +493,7 @@ def grouped_mm(
         E, R, C, nout, kred, kred if interpret_mode() else 0,
         WFMT=_FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, RANK_P=rank_p,
         E_P2=max(16, _next_pow2(E)), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_FP32=dot_fp32,
+        NF4_MODE=cfg.nf4_mode, X_FP8=x_fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from impl.ops.combine import combine
 from impl.ops.grouped_gemm import GroupedWeight
 from impl.ops.grouped_lora import grouped_linear
 
@@ -40,8 +41,13 @@ def moe_layer(
     down: GroupedWeight,
     lora: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None,
     linear: Linear = grouped_linear,
+    combine_mode: str = "gather",
 ) -> torch.Tensor:
-    """``[T, H]`` in x's dtype. lora: {"gate_up": (lora_A, lora_B, scaling), "down": (...)} (either key optional)."""
+    """``[T, H]`` in x's dtype. lora: {"gate_up": (lora_A, lora_B, scaling), "down": (...)} (either key optional).
+
+    combine_mode: "gather" (`impl.ops.combine`, one Triton pass, no atomics) or "index_add" (the stock
+    ``index_add_`` of fp32 products, as transformers' grouped_mm experts and the baseline measurements do).
+    """
     E, two_i, H = gate_up.shape
     if down.shape != (E, H, two_i // 2):
         raise ValueError(f"down {down.shape} does not match gate_up {gate_up.shape}: need {(E, H, two_i // 2)}")
@@ -54,6 +60,10 @@ def moe_layer(
     g, u = h.split(two_i // 2, dim=-1)
     a = F.silu(g) * u
     y = linear(a, down, offsets, *lora.get("down", (None, None, 1.0)))
+    if combine_mode == "gather":
+        return combine(y, w, order, token_idx).to(x.dtype)
+    if combine_mode != "index_add":
+        raise ValueError(f"combine_mode must be 'gather' or 'index_add', got {combine_mode!r}")
     ws = w.reshape(-1)[order].to(torch.float32)
     out = torch.zeros((x.shape[0], H), dtype=torch.float32, device=x.device)
     out = out.index_add(0, token_idx, y.to(torch.float32) * ws[:, None])

@@ -19,8 +19,9 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs a CUDA device (and not the interpreter)", allow_module_level=True)
 
 from impl.ops.baselines import torch_grouped_linear  # noqa: E402
+from impl.ops.combine import combine  # noqa: E402
 from impl.ops.fp8_rowwise import fp8_rowwise_grouped_mm, quantize_weight_rowwise  # noqa: E402
-from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, grouped_mm  # noqa: E402
+from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, TileConfig, grouped_mm, quantize_act_1x128  # noqa: E402
 from impl.ops.grouped_lora import grouped_linear  # noqa: E402
 from impl.ops.moe_layer import moe_layer, sort_pairs  # noqa: E402
 from impl.ops.nf4_dequant import nf4_dequantize  # noqa: E402
@@ -89,6 +90,45 @@ def test_grouped_mm_real_shapes(weights, T, fmt, proj, trans):
         xq, xs = rfp8.quantize_act_groups(x, 128)
         x = rfp8.dequantize_fp8(xq, xs, (1, 128), torch.float32)
     assert rel(y, loop(x, dense_of(gw), offs, trans)) < TOL
+
+
+@pytest.mark.parametrize("T,cfg", [(4, TileConfig(16, 64, 128, 4, 4, 0)), (4, TileConfig(16, 64, 128, 4, 4, 1)),
+                                   (4, TileConfig(16, 128, 128, 4, 4, 2)), (4096, TileConfig(128, 128, 64, 8, 3, 1)),
+                                   (4096, TileConfig(128, 128, 64, 8, 3, 2)), (4096, TileConfig(64, 128, 128, 4, 4, 1))])
+def test_nf4_modes_real_shapes(weights, T, cfg):
+    gw = weights["nf4"][0]
+    _, R, C = gw.shape
+    _, idx = routing(T, seed=11)
+    _, _, offs = sort_pairs(idx, E)
+    x = torch.randn(T * K, C, device=DEV, dtype=torch.bfloat16)
+    assert rel(grouped_mm(x, gw, offs, config=cfg), loop(x, dense_of(gw), offs, False)) < TOL
+
+
+@pytest.mark.parametrize("prequant", [False, True])
+def test_fp8_block_act_prequant(weights, prequant):
+    gw = weights["fp8_block"][1]
+    _, R, C = gw.shape
+    _, idx = routing(512, seed=12)
+    _, _, offs = sort_pairs(idx, E)
+    x = torch.randn(512 * K, C, device=DEV, dtype=torch.bfloat16)
+    xq, xs = rfp8.quantize_act_groups(x, 128)
+    q2, s2 = quantize_act_1x128(x)
+    assert torch.equal(s2, xs) and torch.equal(q2.view(torch.uint8), xq.view(torch.uint8))
+    y = grouped_mm(x, gw, offs, act_prequant=prequant)
+    ref = loop(rfp8.dequantize_fp8(xq, xs, (1, 128), torch.float32), dense_of(gw), offs, False)
+    assert rel(y, ref) < TOL
+
+
+def test_combine_gpu():
+    from reference import dispatch as rdispatch
+
+    T = 1000
+    w, idx = routing(T, seed=13)
+    order, tok, _ = sort_pairs(idx, E)
+    y = torch.randn(T * K, H, device=DEV, dtype=torch.bfloat16)
+    out = combine(y, w, order, tok)
+    d = rdispatch.sort_by_expert(idx, E)
+    assert rel(out, rdispatch.combine(y.float(), d, w.float(), T)) < TOL
 
 
 def test_nf4_dequantize_matches_reference_on_gpu():
