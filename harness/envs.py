@@ -7,6 +7,13 @@ cell then sees torch and bitsandbytes as installed and never re-resolves them; t
 
 Pitfall this avoids: ``venv --system-site-packages`` made from inside a venv exposes the *system*
 interpreter's packages, not the venv's, so torch would be missing and pip would pull a CUDA build.
+
+Installer: ``uv`` when it is available (``.venv/bin/uv`` from requirements/base.txt, or on PATH), else pip;
+``MOE_COMPAT_INSTALLER=pip|uv`` forces one. uv does not see packages that come through a .pth file, so it is run
+with ``--excludes`` listing every distribution of the base site-packages (torch, bitsandbytes, numpy, ...): they
+are neither resolved nor installed, exactly as pip treats them (installed already). Unlike pip, uv would not
+upgrade a base package that a cell package needs newer, so after a uv install every requirement of the cell's
+packages on a base package is checked against the base version (``EnvError`` naming the conflict if one fails).
 """
 
 from __future__ import annotations
@@ -31,8 +38,11 @@ class EnvError(RuntimeError):
 
 
 def base_site_packages() -> Path:
-    """site-packages of the interpreter running the harness (the base venv)."""
-    return Path(sysconfig.get_paths()["purelib"])
+    """site-packages of the base venv: the running interpreter's, or, when running inside a cell venv (e.g. the
+    harness's own tests in the ``tests`` venv), the base that the cell's .pth file points at."""
+    here = Path(sysconfig.get_paths()["purelib"])
+    pth = here / PTH_NAME
+    return Path(pth.read_text().strip()) if pth.exists() else here
 
 
 def base_interpreter() -> Path:
@@ -73,6 +83,62 @@ def _run(cmd: list[str], *, log: Path | None = None, timeout: float = 1800) -> s
     return out
 
 
+def base_distributions() -> dict[str, str]:
+    """Normalized name -> version of every distribution in the base site-packages."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(d.metadata["Name"]): d.version
+            for d in metadata.distributions(path=[str(base_site_packages())]) if d.metadata["Name"]}
+
+
+def find_uv() -> Path | None:
+    """The uv binary next to the base interpreter (requirements/base.txt) or on PATH; None when absent."""
+    local = Path(sys.executable).parent / "uv"
+    if local.exists():
+        return local
+    found = shutil.which("uv")
+    return Path(found) if found else None
+
+
+def installer() -> str:
+    """``uv`` or ``pip`` (see the module docstring); an unknown or unavailable forced choice is an error."""
+    forced = os.environ.get("MOE_COMPAT_INSTALLER", "").strip()
+    if forced not in ("", "uv", "pip"):
+        raise EnvError(f"MOE_COMPAT_INSTALLER must be 'uv' or 'pip', got {forced!r}")
+    if forced == "uv" and find_uv() is None:
+        raise EnvError("MOE_COMPAT_INSTALLER=uv but no uv binary (pip install uv into the base venv)")
+    if forced:
+        return forced
+    return "uv" if find_uv() is not None else "pip"
+
+
+def check_base_requirements(env: CellEnv) -> None:
+    """Every requirement of the cell's own distributions on a base distribution must hold for the base version."""
+    from importlib import metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    base = base_distributions()
+    conflicts = []
+    for dist in metadata.distributions(path=[str(env.site_packages)]):
+        for text in dist.requires or []:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue  # a malformed requirement string of an upstream package; pip ignores it as well
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            name = canonicalize_name(req.name)
+            if name in base and not req.specifier.contains(base[name], prereleases=True):
+                conflicts.append(f"{dist.metadata['Name']} needs {req} but the shared base has {name} {base[name]}")
+    if conflicts:
+        raise EnvError(f"cell venv {env.path}: requirements on shared base packages not met (MOE_COMPAT_INSTALLER=pip "
+                       f"would install newer copies into the cell): " + "; ".join(sorted(set(conflicts))))
+
+
 def is_current(name: str, requirements: list[str], *, envs_dir: Path = ENVS_DIR) -> bool:
     """True when ``envs_dir/name`` exists and was built from exactly these requirement pins (it will be reused)."""
     env = CellEnv(name, envs_dir / name)
@@ -99,11 +165,20 @@ def ensure_env(name: str, requirements: list[str], *, log: Path | None = None, e
     _run([str(base_interpreter()), "-m", "venv", str(tmp)], log=log, timeout=timeout)
     tmp_env = CellEnv(name, tmp)
     (tmp_env.site_packages / PTH_NAME).write_text(str(base_site_packages()) + "\n")
-    if requirements:
+    tool = installer()
+    if requirements and tool == "uv":
+        excludes = envs_dir / f".{name}.excludes.txt"
+        excludes.write_text("\n".join(sorted(base_distributions())) + "\n")
+        _run([str(find_uv()), "pip", "install", "--quiet", "--python", str(tmp_env.python), "--excludes",
+              str(excludes), *requirements], log=log, timeout=timeout)
+        excludes.unlink()
+        check_base_requirements(tmp_env)
+    elif requirements:
         # --no-compile: byte-compiling every module of transformers costs more CPU than the first import of the few used
         _run([str(tmp_env.python), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check",
               *requirements],
              log=log, timeout=timeout)
+    (tmp_env.path / ".moe-compat-installer").write_text(tool + "\n")
     _check_shared_torch(tmp_env)
     # venv scripts hard-code their interpreter path; we only ever call `python -m ...`, so the rename is safe.
     shutil.rmtree(env.path, ignore_errors=True)

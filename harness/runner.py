@@ -260,6 +260,8 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         return finish("error", f"install timed out after {install_timeout:.0f}s: {' '.join(map(str, exc.cmd))}")
     timed("install", ts)
     rec["venv"], rec["venv_reused"] = str(env.path), reused
+    marker = env.path / ".moe-compat-installer"
+    rec["installer"] = marker.read_text().strip() if marker.exists() else None
     if (env.site_packages / "torch").exists():
         return finish("error", f"cell venv {env.path} contains its own torch; cells must share the base torch")
     rec["venv_bytes"] = envs.env_size_bytes(env)
