@@ -20,6 +20,24 @@ from impl.checkpoint import CheckpointError
 from impl.merge import MERGED_16BIT, METHODS, MergeError, merge_adapter
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """On glibc, pin the mmap threshold so every freed tensor buffer >= ``nbytes`` goes back to the OS at once.
+
+    glibc raises its threshold dynamically after large frees, after which MiB-sized temporaries come from the heap
+    and fragment it: scripts/measure_merge_memory.py measured the fp8 requant merge at 9.0x the largest shard with
+    the dynamic threshold and 3.2x with it pinned. A memory optimisation only (results are identical); returns
+    whether it was applied (False off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(getattr(libc, "mallopt", None) and libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    pin_malloc_mmap_threshold()
     try:
         report = merge_adapter(
             args.base_dir,

@@ -1,0 +1,253 @@
+"""impl.merge fault handling: every bad input fails with its own error naming key/shapes/rule; after any merge,
+failed or not, the source checkpoint and adapter are byte-identical (sha256 of every file); a failure mid-write (a
+shard that fails validation after earlier shards were written) or a killed process leaves no output directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+from safetensors.torch import save_file  # noqa: E402
+
+from impl.checkpoint import CheckpointError, FP8CheckpointError  # noqa: E402
+from impl.merge import AdapterError, MergeError, merge_adapter  # noqa: E402
+from impl.merge_cli import main as cli_main  # noqa: E402
+from reference.fp8 import quantize_fp8_block  # noqa: E402
+from scripts.measure_merge_memory import build_synthetic  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = dict(shards=3, E=4, H=64, I=32, r=2)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def load_tensors(root: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(root.glob("*.safetensors")):
+        out.update(load_tensors_file(f))
+    return out
+
+
+def _rewrite(path: Path, mutate) -> None:
+    """Apply ``mutate(dict)`` to the tensors of one safetensors file and write it back (test setup only)."""
+    ts = load_tensors_file(path)
+    mutate(ts)
+    save_file(ts, str(path), metadata={"format": "pt"})
+
+
+def load_tensors_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _shard_of(base: Path, key: str) -> Path:
+    wm = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    return base / wm[key]
+
+
+def _assert_failed_cleanly(tmp_path: Path, before: dict, out: Path) -> None:
+    assert {d: tree_digest(tmp_path / d) for d in ("base", "adapter")} == before
+    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def _run_failing(tmp_path, base, adapter, exc, match, **kw):
+    before = {d: tree_digest(tmp_path / d) for d in ("base", "adapter")}
+    with pytest.raises(exc, match=match):
+        merge_adapter(base, adapter, tmp_path / "out", **kw)
+    _assert_failed_cleanly(tmp_path, before, tmp_path / "out")
+
+
+# --- FP8 checkpoint faults -------------------------------------------------------------------------------------
+
+K0 = "model.layers.0.mlp.experts.0.gate_proj.weight"
+
+
+def _fp8_bad(tmp_path, mutate):
+    base, adapter = build_synthetic(tmp_path, fp8=True, **SMALL)
+    _rewrite(_shard_of(base, K0), mutate)
+    return base, adapter
+
+
+def test_missing_scale(tmp_path):
+    base, adapter = _fp8_bad(tmp_path, lambda ts: ts.pop(K0 + "_scale_inv"))
+    wm_path = base / "model.safetensors.index.json"
+    index = json.loads(wm_path.read_text())
+    del index["weight_map"][K0 + "_scale_inv"]
+    wm_path.write_text(json.dumps(index))
+    _run_failing(tmp_path, base, adapter, FP8CheckpointError, rf"{K0}: FP8 weight \[32, 64\] has no scale tensor")
+
+
+def test_scale_grid_matches_no_block(tmp_path):
+    base, adapter = _fp8_bad(tmp_path, lambda ts: ts.update({K0 + "_scale_inv": torch.ones(2, 2)}))
+    _run_failing(
+        tmp_path, base, adapter, FP8CheckpointError, r"scale grid \[2, 2\] for weight .*\[32, 64\] matches no rule"
+    )
+
+
+def test_e5m2_refused(tmp_path):
+    base, adapter = _fp8_bad(tmp_path, lambda ts: ts.update({K0: ts[K0].float().to(torch.float8_e5m2)}))
+    _run_failing(tmp_path, base, adapter, FP8CheckpointError, rf"{K0}: dtype F8_E5M2 \[32, 64\]")
+
+
+def test_expert_shape_mismatch(tmp_path):
+    q, s = quantize_fp8_block(torch.randn(32, 48))
+    base, adapter = _fp8_bad(tmp_path, lambda ts: ts.update({K0: q, K0 + "_scale_inv": s}))
+    _run_failing(tmp_path, base, adapter, CheckpointError, r"per-expert shapes disagree")
+
+
+# --- adapter / argument faults ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small(tmp_path):
+    return build_synthetic(tmp_path, **SMALL)
+
+
+def _edit_config(adapter: Path, **changes) -> None:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_dora_refused(tmp_path, small):
+    base, adapter = small
+    _edit_config(adapter, use_dora=True)
+    _run_failing(tmp_path, base, adapter, AdapterError, r"use_dora=True")
+
+
+def test_unknown_adapter_tensor_refused(tmp_path, small):
+    base, adapter = small
+    key = "base_model.model.model.layers.0.mlp.experts.lora_magnitude_vector"
+    _rewrite(adapter / "adapter_model.safetensors", lambda ts: ts.update({key: torch.ones(3)}))
+    _run_failing(tmp_path, base, adapter, AdapterError, r"not LoRA A/B weights .*lora_magnitude_vector")
+
+
+def test_rank_disagrees_with_config(tmp_path, small):
+    base, adapter = small
+    _edit_config(adapter, r=3)
+    _run_failing(tmp_path, base, adapter, AdapterError, r"rank from the factor shapes is 2 but adapter_config says r=3")
+
+
+def test_adapter_module_missing_in_base(tmp_path, small):
+    base, adapter = small
+    a, b = torch.zeros(2, 64), torch.zeros(64, 2)
+    extra = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
+    }
+    _rewrite(adapter / "adapter_model.safetensors", lambda ts: ts.update(extra))
+    _run_failing(
+        tmp_path, base, adapter, AdapterError, r"no base tensor for LoRA module 'model.layers.0.self_attn.q_proj'"
+    )
+
+
+def test_factors_fit_no_expert_param(tmp_path, small):
+    base, adapter = small
+    key = "base_model.model.model.layers.1.mlp.experts.lora_A.weight"  # down: [r·E, I] -> wrong width
+    _rewrite(adapter / "adapter_model.safetensors", lambda ts: ts.update({key: torch.zeros(8, 40)}))
+    _run_failing(tmp_path, base, adapter, AdapterError, r"fit no expert param of model.layers.1.mlp.experts")
+
+
+def test_bnb_serialized_base_refused(tmp_path, small):
+    base, adapter = small
+    _rewrite(_shard_of(base, K0), lambda ts: ts.update({K0 + ".absmax": torch.ones(4)}))
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    index["weight_map"][K0 + ".absmax"] = _shard_of(base, K0).name
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    _run_failing(tmp_path, base, adapter, MergeError, r"bitsandbytes-serialized .* merge onto the 16-bit base")
+
+
+def test_fp8_method_needs_fp8_base(tmp_path, small):
+    base, adapter = small
+    _run_failing(tmp_path, base, adapter, MergeError, r"method 'fp8' needs an FP8 base", method="fp8")
+
+
+def test_output_dir_rules(tmp_path, small):
+    base, adapter = small
+    with pytest.raises(MergeError, match="must not be, contain or be inside the source"):
+        merge_adapter(base, adapter, base / "merged")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MergeError, match="exists; pass overwrite=True"):
+        merge_adapter(base, adapter, tmp_path / "out")
+    (tmp_path / "out" / "stale.txt").write_text("x")
+    merge_adapter(base, adapter, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_cli_reports_errors_with_exit_2(tmp_path, small, capsys):
+    base, adapter = small
+    _edit_config(adapter, use_dora=True)
+    assert cli_main([str(base), str(adapter), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "AdapterError" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# --- interrupted writes ----------------------------------------------------------------------------------------
+
+
+def test_failure_in_a_later_shard_leaves_nothing(tmp_path, small, capsys):
+    """A NaN in the last layer's adapter passes planning (shapes only) and fails the finiteness check while the
+    last shard is written, after shards 1 and 2 were written to the temporary directory."""
+    base, adapter = small
+    key = "base_model.model.model.layers.2.mlp.experts.lora_B.weight"
+
+    def poison(ts):
+        ts[key][0, 0] = float("nan")
+
+    _rewrite(adapter / "adapter_model.safetensors", poison)
+    _run_failing(
+        tmp_path,
+        base,
+        adapter,
+        MergeError,
+        r"'model.layers.2.mlp.experts.0.down_proj.weight' \[64, 32\] has \d+ non-finite",
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "shard 1/3" in err and "shard 2/3" in err and "shard 3/3" not in err
+
+
+def test_killed_process_leaves_no_output_dir(tmp_path):
+    """SIGKILL right after the CLI reports its first shard: ``out`` never appears (the rename is the last step); the
+    temporary ``.out.partial-<pid>-<hex>`` is all that can remain after a kill (no handler runs on SIGKILL)."""
+    base, adapter = build_synthetic(tmp_path, shards=8, E=8, H=512, I=256, r=4)
+    before = {d: tree_digest(tmp_path / d) for d in ("base", "adapter")}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "impl.merge_cli", str(base), str(adapter), str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if "shard 1/8" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-merge, not finished
+    assert not (tmp_path / "out").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("base", "adapter")]
+    assert all(name.startswith(".out.partial-") for name in leftovers), leftovers
+    assert {d: tree_digest(tmp_path / d) for d in ("base", "adapter")} == before
+
+
+def test_successful_merge_counts_and_keeps_source(tmp_path, small):
+    base, adapter = small
+    before = {d: tree_digest(tmp_path / d) for d in ("base", "adapter")}
+    report = merge_adapter(base, adapter, tmp_path / "out")
+    assert {d: tree_digest(tmp_path / d) for d in ("base", "adapter")} == before
+    assert report.expert_deltas == 3 * 3 * SMALL["E"] and report.linear_deltas == 0
+    src, out = load_tensors(base), load_tensors(tmp_path / "out")
+    assert src.keys() == out.keys() and all(not torch.equal(src[k], out[k]) for k in src)
