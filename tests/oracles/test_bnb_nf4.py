@@ -309,3 +309,90 @@ def test_large_blocksize_with_partial_block():
     packed_r, state = nf4.quantize_nf4(w, blocksize=4096)
     assert torch.equal(packed_b.reshape(-1), packed_r) and torch.equal(qs.absmax, state.absmax)
     assert torch.equal(F.dequantize_4bit(packed_b, qs).reshape(-1), nf4.dequantize_nf4(packed_r, state))
+
+
+# ---------------------------------------------------------------- CUDA (run on the lent GPU, never in CI)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for bitsandbytes' kernels")
+
+# dQuantizeNF4's decision-tree thresholds as written in csrc/kernels.cu; the compiler rounds each decimal to fp32
+# directly, and 4 of the 15 land one ulp away from the fp32 midpoints (codes 0|1, 8|9, 12|13, 14|15)
+CUDA_NF4_THRESHOLDS = [
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683", "0.5016634166240692",
+    "0.6427869200706482", "0.8614784181118011",
+]  # fmt: skip
+
+
+def _decimal_to_fp32(s: str) -> float:
+    """Correctly rounded decimal -> fp32 (what nvcc does with a float literal; float(s) then fp32 rounds twice)."""
+    from fractions import Fraction
+
+    x = Fraction(s)
+    t = torch.tensor(float(x), dtype=torch.float32)
+    cands = [torch.nextafter(t, torch.tensor(-2.0)), t, torch.nextafter(t, torch.tensor(2.0))]
+    return min((float(c) for c in cands), key=lambda c: abs(Fraction(c) - x))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("shape", "blocksize"), [((3, 100), 64), ((7, 130), 32), ((5000,), 4096), ((2, 65), 256)])
+def test_cuda_quantize_matches_except_zero_blocks(shape, blocksize, dtype):
+    """bnb CUDA vs reference: identical bytes and absmax, except (documented divergence) an all-zero block: CUDA
+    computes 0 * (1/0) = NaN, its decision tree sends NaN to code 0 (byte 0x00, value -1 * 0 = -0.0) where the
+    reference stores code 7 (0x77, 0.0); and a zero PARTIAL tail keeps absmax 0 on CUDA (1e-38 in the reference)."""
+    w = _w(shape, 13, 0, dtype, 1, blocksize)  # first block all zero
+    packed_c, qc = F.quantize_4bit(w.cuda(), blocksize=blocksize, quant_type="nf4")
+    packed_r, state = nf4.quantize_nf4(w, blocksize)
+    pc = packed_c.cpu().reshape(-1)
+    n = w.numel()
+    zero_block = (state.absmax <= nf4.ABSMAX_FLOOR).repeat_interleave(blocksize)[:n]
+    zero_byte = zero_block[0::2]  # blocksizes are even, so a byte never straddles two blocks
+    assert torch.equal(pc[~zero_byte], packed_r[~zero_byte])
+    assert bool((pc[zero_byte] == 0).all() and (packed_r[zero_byte] == 0x77).all())
+    absmax_c = qc.absmax.cpu()
+    assert torch.equal(absmax_c, torch.where(state.absmax <= nf4.ABSMAX_FLOOR, 0.0, state.absmax))
+    cuda_state = nf4.NF4State(absmax=absmax_c, blocksize=blocksize, shape=w.shape, dtype=dtype)
+    out = F.dequantize_4bit(packed_c, qc).cpu().reshape(-1)
+    assert torch.equal(out, nf4.dequantize_nf4(pc, cuda_state, dtype=dtype).reshape(-1))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_ties_follow_the_rounded_literals():
+    # values exactly on the fp32 midpoints (absmax 1): CUDA's thresholds, not the midpoints, decide
+    mid = (nf4.NF4_CODE[:-1] + nf4.NF4_CODE[1:]) / 2
+    w = torch.nn.functional.pad(torch.cat([torch.tensor([1.0]), mid]), (0, 48))
+    packed_c, _ = F.quantize_4bit(w.cuda(), blocksize=64, quant_type="nf4")
+    got = nf4.unpack_nibbles(packed_c.cpu(), 64)[1:16]
+    thresholds = torch.tensor([_decimal_to_fp32(s) for s in CUDA_NF4_THRESHOLDS], dtype=torch.float32)
+    assert torch.equal(got, torch.bucketize(mid, thresholds))  # x > t -> upper code, as the decision tree
+    assert (thresholds != mid).nonzero().flatten().tolist() == [0, 8, 12, 14]
+    assert got.tolist() != nf4.nearest_code(mid, nf4.NF4_CODE).tolist()  # the reference breaks these ties low
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_double_quant_is_nearest_given_its_offset():
+    # the nested 8-bit codes on CUDA are the exact nearest codes (binary search), not the CPU LUT's. The offset is a
+    # GPU mean (another summation order than torch's CPU mean), so the reference is fed CUDA's absmax and offset.
+    for w in (_w((600, 64), 14, 0, torch.float32, 0, 64), _lut_witness()):
+        _, qn = F.quantize_4bit(w.cuda(), blocksize=64, quant_type="nf4", compress_statistics=True)
+        _, qp = F.quantize_4bit(w.cuda(), blocksize=64, quant_type="nf4")
+        centred = qp.absmax.cpu() - float(qn.offset)
+        codes, absmax2 = nf4.quantize_blockwise_8bit(centred, nf4.dynamic_map(), 256, nf4.NEAREST)
+        assert torch.equal(qn.absmax.cpu(), codes) and torch.equal(qn.state2.absmax.cpu(), absmax2)
+    assert qn.absmax.cpu().tolist() == [0, 255, 130, 124]  # the witness: CPU bnb gives [0, 255, 131, 123]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cpu_quantized_state_reads_the_same_on_cuda():
+    w = _w((48, 40), 15, -3, torch.bfloat16, 1, 64)
+    packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    _, qs_cuda = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    qs_cuda.to("cuda")  # QuantState.to moves its tensors in place
+    out = F.dequantize_4bit(packed.cuda(), qs_cuda).cpu()
+    assert torch.equal(out, nf4.dequantize_nf4(packed, from_bnb(qs), dtype=None))
