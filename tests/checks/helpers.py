@@ -133,6 +133,7 @@ def prepare(family: str, kind: str, workdir: Path, variant: str = VARIANT, **ove
     rep = None
     if layout == "module_list":
         model, _ = loading.load_model(str(bf16_dir), cfg, dtype=DTYPE)
+        disable_bnb_cpu_repack(model)
         model.eval()
     else:
         model, rep = base, loading.quantize_experts(base, cfg)
@@ -143,6 +144,22 @@ def prepare(family: str, kind: str, workdir: Path, variant: str = VARIANT, **ove
         write_dequantized_checkpoint(model, bf16_dir, merge_dir)
     quant_bytes = (rep.bytes_before, rep.bytes_after) if rep is not None else None
     return Prepared(family, kind, layout, model, bf16_dir, merge_dir, quant_bytes)
+
+
+def disable_bnb_cpu_repack(model) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 CPU inference repack on every Linear4bit (returns how many).
+
+    bnb 0.50.2 crashes in that repack when in_features < blocksize (hidden 32 < 64 in the zoo); the check
+    ``finding_bnb_cpu_inference_repack`` records the bug. With the flag off bnb uses its generic CPU dequant path.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def add_lora(model, *, r: int = LORA_R, alpha: int = LORA_ALPHA, seed: int = SEED, **targets):
@@ -179,7 +196,9 @@ def write_fp8_checkpoint(model, bf16_dir: Path, dst: Path) -> None:
             raise TypeError(f"{g.module_path} is {type(live).__name__}, not QuantizedExperts")
         tensors.update(_fp8_group_tensors(g, live))
     dst.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"}
+    )
     cfg = json.loads((bf16_dir / "config.json").read_text())
     cfg["quantization_config"] = {
         "quant_method": "fp8",
@@ -231,7 +250,9 @@ def write_dequantized_checkpoint(model, bf16_dir: Path, dst: Path) -> None:
             w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
             tensors[key] = w.to(tensors[key].dtype)
     dst.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"}
+    )
     (dst / "config.json").write_text((bf16_dir / "config.json").read_text())
 
 

@@ -76,7 +76,9 @@ def _qlora_merge(moe_check, run, adapter_dir, tmp_path, live, live_held) -> None
     task, k = run.task, live.shape[1]
     model = _merged_model(run.prepared.bf16_dir, adapter_dir, tmp_path / "merged_qlora")
     merged = gen.greedy(model, task.prompts, k)
-    moe_check.metric("qlora_kl_heldout_max", gen.kl_divergence(live_held, gen.next_token_logprobs(model, task.heldout)).max())
+    moe_check.metric(
+        "qlora_kl_heldout_max", gen.kl_divergence(live_held, gen.next_token_logprobs(model, task.heldout)).max()
+    )
     moe_check.metric("kl_base_quant_max", _base_quant_kl(run, task.heldout).max())
     moe_check.metric("qlora_live_merged_exact_rate", gen.exact_match(live, merged).double().mean())
     moe_check.require("qlora_merged_memorized", gen.exact_match(merged, task.continuations).double().mean(),
