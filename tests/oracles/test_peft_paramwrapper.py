@@ -53,21 +53,25 @@ class Family:
             cfg = transformers.Qwen3MoeConfig(
                 hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=TOPK
             )
-            mod = m.Qwen3MoeExperts(cfg)
+            cls = m.Qwen3MoeExperts
         elif self.name == "mixtral":
             from transformers.models.mixtral import modeling_mixtral as m
 
             cfg = transformers.MixtralConfig(
                 hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=TOPK
             )
-            mod = m.MixtralExperts(cfg)
+            cls = m.MixtralExperts
         else:
             from transformers.models.gpt_oss import modeling_gpt_oss as m
 
             cfg = transformers.GptOssConfig(
                 hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=min(TOPK, E)
             )
-            mod = m.GptOssExperts(cfg)
+            cls = m.GptOssExperts
+        if TF_MAJOR >= 5:
+            # the plain eager loop (5.0 raises KeyError for the default None; later versions warn and use eager)
+            cfg._experts_implementation = "eager"
+        mod = cls(cfg)
         g = torch.Generator().manual_seed(1234)
         with torch.no_grad():
             for p in mod.parameters():
@@ -97,7 +101,8 @@ def call_experts(experts: nn.Module, x, idx, w):
 
     transformers 4.57 GPT-OSS takes (batch, seq, H) and dense routing weights [T, E]; 5.x takes [T, H] and [T, k].
     """
-    if TF_MAJOR < 5 and isinstance(experts, transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts):
+    inner = experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts  # under PEFT's wrappers
+    if TF_MAJOR < 5 and isinstance(inner, transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts):
         dense = torch.zeros(x.shape[0], experts.num_experts, dtype=w.dtype).scatter(1, idx, w)
         return experts(x[None], router_indices=idx, routing_weights=dense).reshape(x.shape)
     return experts(x, idx, w)
@@ -162,6 +167,10 @@ def test_swap_flag_shapes_and_detection(family, shape, record_property):
         assert d.orientation is (Orientation.SWAPPED if flag else Orientation.STANDARD)
         assert d.ambiguous is (d1 == d2) and d.rank == R
         assert d.resolved_by == ("peft_version" if d1 == d2 else None)
+        # the live flag alone decides too (and is what a loader that holds the wrapper should pass)
+        d = detect_orientation(P, (R * E, a), (b, R * E), E, did_swap=flag)
+        assert d.orientation is (Orientation.SWAPPED if flag else Orientation.STANDARD)
+        assert d.resolved_by == ("did_swap" if d1 == d2 else None)
 
 
 def orientation_of(wr) -> Orientation:
