@@ -7,7 +7,8 @@ Notation (see `reference.layout`): ``P [E, d1, d2]``, ``lora_A [r·E, a]``, ``lo
   ``B_e = lora_B[:, e·r:(e+1)·r]`` (``contiguous_r``, Unsloth's older reading); ``B_e`` is ``[b, r]``;
 - standard: ``ΔW[e] = s·(B_e A_e)ᵀ`` (``a = d1``, ``b = d2``); swapped: ``ΔW[e] = s·B_e A_e`` (``a = d2``, ``b = d1``).
 
-All functions are float64-capable: they compute in the dtype of their inputs (promoted), never silently lower.
+All functions are float64-capable: they compute in ``torch.promote_types`` of their inputs' dtypes (so float64 in
+gives float64 out, and bf16 activations with fp32 factors compute in fp32), never in a lower precision.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def delta_weight(
     """``ΔW [E, d1, d2]``: standard ``ΔW[e] = s·(B_e A_e)ᵀ`` ([d1=a, d2=b]); swapped ``ΔW[e] = s·B_e A_e`` ([d1=b, d2=a])."""
     o = _check_orientation(orientation)
     A, B = expert_factors(lora_A, lora_B, num_experts, convention)
-    BA = torch.bmm(B, A)  # [E, b, a]
+    cd = torch.promote_types(A.dtype, B.dtype)
+    BA = torch.bmm(B.to(cd), A.to(cd))  # [E, b, a]
     if o is Orientation.STANDARD:
         BA = BA.transpose(1, 2)
     return BA * scaling
@@ -196,8 +198,9 @@ def lora_forward_delta(
             f"x has {x.shape[1]} input features but the {o.value} factors in layout {expert_layout} "
             f"expect {first.shape[1]} (lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)})"
         )
-    h = torch.bmm(x.unsqueeze(1), first)  # [S, 1, r]
-    return torch.bmm(h, second).squeeze(1) * scaling
+    cd = torch.promote_types(torch.promote_types(x.dtype, first.dtype), second.dtype)
+    h = torch.bmm(x.to(cd).unsqueeze(1), first.to(cd))  # [S, 1, r]
+    return torch.bmm(h, second.to(cd)).squeeze(1) * scaling
 
 
 def convert_adapter(

@@ -221,3 +221,17 @@ def test_unknown_orientation_and_convention_are_refused():
         delta_weight(A, B, 2, 1.0, orientation="standard", convention="rank_major")
     with pytest.raises(ValueError, match="r·E"):
         delta_weight(A, B, 3, 1.0, orientation="standard")
+
+
+def test_mixed_dtypes_compute_in_the_promoted_dtype():
+    """bf16 activations with fp32 factors compute (and return) fp32; float64 anywhere gives float64."""
+    E, r = 2, 2
+    A, B = make_adapter(E, r, 6, 4, Orientation.SWAPPED, 0, dtype=torch.float32)
+    x = torch.randn(3, 4).to(torch.bfloat16)
+    ids = torch.tensor([0, 1, 1])
+    kw = dict(orientation="swapped", expert_layout="fused_linear")
+    y = lora_forward_delta(x, A, B, ids, E, 1.0, **kw)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, lora_forward_delta(x.float(), A, B, ids, E, 1.0, **kw), rtol=0, atol=0)
+    assert lora_forward_delta(x, A.double(), B, ids, E, 1.0, **kw).dtype == F64
+    assert delta_weight(A.to(torch.bfloat16), B, E, 1.0, orientation="swapped").dtype == torch.float32
