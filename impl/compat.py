@@ -180,6 +180,13 @@ def experts_implementations(version: str) -> tuple[str, ...]:
     return ("eager", "batched_mm", "grouped_mm")
 
 
+def experts_implementations_float64(version: str) -> tuple[str, ...]:
+    """Implementations that run a float64 experts forward on CPU. grouped_mm raises (torch's grouped_mm kernel
+    takes fp32 / bf16 / fp16 only, and transformers' fallback test does not look at the dtype); checked on 5.0
+    and 5.24 with torch 2.13."""
+    return tuple(i for i in experts_implementations(version) if i != "grouped_mm")
+
+
 def num_experts_attr(family: str) -> str:
     """Config field holding E (as written by each family's config class)."""
     return {

@@ -212,27 +212,63 @@ def test_experts_match_reference(family, variant, impl):
     assert rel_err(got, ref) < RTOL_F32  # two fp32 matmuls of length <= 32: see module docstring
 
 
-F64_CASES = [(f, v) for (f, v, impl) in EXPERT_CASES if impl in ("eager", "module")]
+F64_CASES = [
+    (f, v, impl)
+    for (f, v, impl) in EXPERT_CASES
+    if impl == "module" or impl in compat.experts_implementations_float64(VERSION)
+]
 
 
-@pytest.mark.parametrize(("family", "variant"), F64_CASES)
-def test_experts_match_reference_float64(family, variant):
-    """The eager experts forward in float64 agrees with the reference to float64 rounding."""
-    model, d = _model(family, variant)
+def _run_experts_in(dtype, model, d, impl, x, idx, w):
+    """(upstream output, float64 reference) with the first layer's experts cast to `dtype` for the call."""
     if FUSED:
-        zoo.set_experts_implementation(model, "eager")
+        zoo.set_experts_implementation(model, impl)
     experts = d["layers"][0].experts
-    x = _x(d["H"], dtype=F64)
-    idx, w = _routing_inputs(d)
-    experts64 = experts.to(F64)
+    experts.to(dtype)
     try:
         with torch.no_grad():
-            got = _call_experts(d, experts64, x, idx, w)
-        ref = _ref_experts(d, experts64, x, idx, w)
+            got = _call_experts(d, experts, x.to(dtype), idx, w.to(dtype))
+        ref = _ref_experts(d, experts, x.to(dtype).to(F64), idx, w.to(dtype).to(F64))
     finally:
         experts.to(torch.float32)
+    return got, ref
+
+
+@pytest.mark.parametrize(("family", "variant", "impl"), F64_CASES)
+def test_experts_match_reference_float64(family, variant, impl):
+    """The experts forward in float64 agrees with the reference to float64 rounding."""
+    model, d = _model(family, variant)
+    idx, w = _routing_inputs(d)
+    got, ref = _run_experts_in(F64, model, d, impl, _x(d["H"]), idx, w)
     assert got.dtype == F64
     assert rel_err(got, ref) < RTOL_F64  # float64: (H + I + 8)·2⁻⁵³ ≈ 8e-15 worst case, see module docstring
+
+
+@pytest.mark.skipif(not FUSED, reason="experts implementations exist from transformers 5.0")
+def test_grouped_mm_experts_refuse_float64():
+    """Documented limitation (compat.experts_implementations_float64): grouped_mm experts raise on float64
+    instead of falling back. Repro: `model.set_experts_implementation("grouped_mm")`, cast an `*Experts` module
+    to float64 and call it on float64 hidden states on CPU."""
+    model, d = _model(compat.QWEN3_MOE, "2i_ne_h")
+    idx, w = _routing_inputs(d)
+    assert "grouped_mm" not in compat.experts_implementations_float64(VERSION)
+    with pytest.raises(RuntimeError, match="Float32, BFloat16 or Float16"):
+        _run_experts_in(F64, model, d, "grouped_mm", _x(d["H"]), idx, w)
+
+
+BF16_CASES = [(f, impl) for (f, v, impl) in EXPERT_CASES if v == "2i_ne_h" and impl != "batched_mm"]
+
+
+@pytest.mark.parametrize(("family", "impl"), BF16_CASES)
+def test_experts_match_reference_bf16(family, impl):
+    """bf16 module and inputs vs float64 math on the same bf16 values. Rounded steps: the two matmul outputs,
+    activation, gate·up product, routing-weight product, the k-sum / index_add into bf16 and the final cast,
+    each <= u = 2⁻⁸ relative (products accumulate in fp32 inside the matmuls): ~7u; bound 12u ≈ 0.047."""
+    model, d = _model(family, "2i_ne_h")
+    idx, w = _routing_inputs(d)
+    got, ref = _run_experts_in(torch.bfloat16, model, d, impl, _x(d["H"]), idx, w)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, ref) < 12 * 2.0**-8
 
 
 # ------------------------------------------------------------------------------------------------------------
