@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -150,8 +151,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # CI cancellation: clean up like Ctrl-C (runner.run_cells)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "run":
+        signal.signal(signal.SIGTERM, _sigterm)
     try:
         return {"run": cmd_run, "merge": cmd_merge, "list": cmd_list}[args.cmd](args)
     except (MatrixError, report.ReportError, ResolveError) as exc:

@@ -173,6 +173,22 @@ def _signal_name(rc: int) -> str:
         return f"signal {-rc}"
 
 
+_ACTIVE: set[int] = set()  # process-group ids of running test phases (each cell's pytest is its own session)
+_ACTIVE_LOCK = threading.Lock()
+
+
+def kill_active() -> list[int]:
+    """SIGKILL every running test phase's process group (on Ctrl-C / SIGTERM); returns the group ids."""
+    with _ACTIVE_LOCK:
+        groups = sorted(_ACTIVE)
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue  # already gone
+    return groups
+
+
 def _wait_with_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float]:
     """Wait for ``proc`` (its own session) up to ``timeout`` s; on expiry kill its whole process group.
 
@@ -336,7 +352,13 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env_vars,
                                 start_new_session=True)
-        rc, cpu = _wait_with_rusage(proc, timeout)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(proc.pid)
+        try:
+            rc, cpu = _wait_with_rusage(proc, timeout)
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(proc.pid)
     timed("test", ts)
     rec["phases"]["test_cpu"] = cpu
     checks, session, running, fin = read_results(results)
@@ -374,4 +396,13 @@ def run_cells(matrix: Matrix, cells: list[CellSpec], *, source: VersionSource, r
     with progress, ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
         futures = [pool.submit(run_cell, matrix, c, source=source, run_dir=run_dir, opts=opts,
                                build_env=build_env, progress=progress) for c in cells]
-        return [f.result() for f in futures]
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            # Test phases run in their own sessions (so a timeout can kill a whole tree); they do not get the
+            # terminal's Ctrl-C, so stop them here, and cancel the cells not started.
+            for f in futures:
+                f.cancel()
+            groups = kill_active()
+            sys.stderr.write(f"interrupted: killed the test phases of {len(groups)} running cell(s)\n")
+            raise
