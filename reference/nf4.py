@@ -11,6 +11,13 @@ Format (bitsandbytes ``quantize_4bit(quant_type="nf4")``, verified against 0.50.
   signed dynamic map (``dynamic_map()``) in blocks of 256, giving uint8 codes, one fp32 absmax per 256 blocks and the
   fp32 ``offset``. ``absmax ≈ DYN[codes] * absmax2[j // 256] + offset``.
 
+Which bitsandbytes path matches (0.50.2; tests/oracles/test_bnb_nf4.py, the CUDA part run on an H200):
+- CPU ``quantize_4bit`` (default backend): bit-identical, double quant with ``nested_rounding=BNB_CPU_LUT``.
+- CUDA ``quantize_4bit``: bit-identical bytes/absmax/nested codes (``NEAREST``) except: an all-zero block packs code 0
+  (0x00, dequant -0.0) instead of 7; a zero partial tail stores absmax 0, not 1e-38; 4 of the 15 decision-tree
+  thresholds are the fp32 midpoints +-1 ulp, so exact ties at codes 0|1, 12|13, 14|15 go up; the offset is a GPU mean.
+- Dequantization: identical everywhere (CPU, CUDA), except bnb's AVX-512 CPU kernel bug (see the oracle's findings).
+
 Everything is computed in fp32, as bitsandbytes does; float64 inputs are rounded to fp32 first (the format's arithmetic
 is fp32), and ``dequantize_nf4(..., dtype=torch.float64)`` returns the exact product of the two fp32 factors.
 """
