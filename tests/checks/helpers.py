@@ -74,13 +74,15 @@ def build_base(family: str, variant: str = VARIANT, **overrides):
     return zoo.build_model(family, variant, seed=SEED, dtype=DTYPE, initializer_range=INIT_RANGE, **overrides)
 
 
-def layout_of(model) -> str:
-    return zoo.describe(model)["layout"]
+def layout_of(family: str) -> str:
+    """The installed transformers' expert layout of ``family`` (not read from a model: bnb-loaded 4.57 experts hold
+    packed ``(n/2, 1)`` weights that `zoo.describe`'s shape check rejects)."""
+    return compat.expert_layout(family, zoo.installed_version())
 
 
-def expert_lora_targets(model) -> dict:
+def expert_lora_targets(family: str) -> dict:
     """LoRA on the routed experts only: 3-D params via ``target_parameters``; 4.57 per-expert Linears by regex."""
-    if layout_of(model) == "module_list":
+    if layout_of(family) == "module_list":
         return dict(target_modules=r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)")
     return dict(target_parameters=["experts.gate_up_proj", "experts.down_proj"])
 
@@ -123,7 +125,7 @@ def prepare(family: str, kind: str, workdir: Path, variant: str = VARIANT, **ove
     if reason:
         pytest.skip(reason)
     base = build_base(family, variant, **overrides)
-    layout = layout_of(base)
+    layout = layout_of(family)
     bf16_dir = workdir / f"{family}-bf16-base"
     if not bf16_dir.exists():
         base.save_pretrained(bf16_dir)
@@ -162,11 +164,11 @@ def disable_bnb_cpu_repack(model) -> int:
     return n
 
 
-def add_lora(model, *, r: int = LORA_R, alpha: int = LORA_ALPHA, seed: int = SEED, **targets):
+def add_lora(model, family: str, *, r: int = LORA_R, alpha: int = LORA_ALPHA, seed: int = SEED, **targets):
     """``get_peft_model`` with the expert targets, torch seeded first so every kind gets the same lora_A init."""
     from peft import LoraConfig, get_peft_model
 
-    targets = targets or expert_lora_targets(model)
+    targets = targets or expert_lora_targets(family)
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, **targets))
 
@@ -238,10 +240,13 @@ def write_dequantized_checkpoint(model, bf16_dir: Path, dst: Path) -> None:
     from impl.checkpoint import find_expert_groups, open_checkpoint
 
     tensors = _read_tensors(bf16_dir)
-    for g in find_expert_groups(open_checkpoint(bf16_dir)).values():
-        live = model.get_submodule(g.module_path)
-        if isinstance(live, QuantizedExperts):
-            tensors.update(_dense_group_tensors(g, live))
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedExperts)}
+    groups = {g.module_path: g for g in find_expert_groups(open_checkpoint(bf16_dir)).values()}
+    missing = sorted(set(quantized) - set(groups))
+    if missing:
+        raise KeyError(f"QuantizedExperts {missing} have no expert group in {bf16_dir} (groups: {sorted(groups)})")
+    for path, live in quantized.items():
+        tensors.update(_dense_group_tensors(groups[path], live))
     for name, m in model.named_modules():
         if isinstance(m, bnb.nn.Linear4bit):
             key = f"{name}.weight"
@@ -295,7 +300,7 @@ def train_run(family: str, kind: str, workdir: Path, quick: bool) -> Run:
     """Prepare, add LoRA, train ``steps(quick)`` steps on the codename task (single thread)."""
     with single_thread():
         prep = prepare(family, kind, workdir)
-        pm = add_lora(prep.model)
+        pm = add_lora(prep.model, family)
         task = make_task()
         result = tr.train_lora(pm, task, steps=steps(quick), lr=LR, seed=SEED)
     return Run(prep, pm, task, result)
