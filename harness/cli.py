@@ -8,6 +8,7 @@
     python -m harness.cli list  [--matrix NAME] [--resolve]
 
 Exit codes: 0 gate passed; 1 gate failed (unexpected failure, error cell, or regression against the baseline);
+130 interrupted (Ctrl-C or SIGTERM: the running cells are killed);
 2 bad invocation or unusable inputs (unknown cell, malformed matrix, no cell files).
 """
 
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MatrixError, report.ReportError, ResolveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}); no report written for this run", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
