@@ -48,7 +48,6 @@ numbers are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import os
@@ -328,6 +327,7 @@ _CONFIG: dict[str, pytest.Config] = {}
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     _CONFIG["config"] = session.config
+    _ITEMS.clear()
 
 
 def _error_text(call: pytest.CallInfo) -> str:
@@ -478,7 +478,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state.emit({"event": "finish", "exitstatus": int(exitstatus), "checks": len(state.records),
                 "known_unused": unused, "t": time.time()})
 
-
-def matches_any(patterns: tuple[str, ...] | list[str], *values: str | None) -> bool:
-    """True when any glob in ``patterns`` matches any non-None value (case-sensitive fnmatch)."""
-    return any(v is not None and fnmatch.fnmatchcase(v, p) for p in patterns for v in values)
