@@ -1,0 +1,200 @@
+"""layout: LoRA on 3-D experts with the cell's real PEFT for 2I == H, I == H, 2I < H and 2I > H.
+
+Per case (a fused family: qwen3_moe on 5.x, GPT-OSS on 4.57; fp32 so that equalities are tight):
+
+1. ``layout_roundtrip_from_pretrained``: an adapter trained in the cell (a few steps, so lora_B != 0) is saved with
+   PEFT and reloaded with ``PeftModel.from_pretrained`` onto a fresh base of the same seed: the logits must match the
+   live model (max |Δ| <= 1e-5: identical weights, same code path; only the summation order may differ).
+2. ``layout_foreign``: the same adapter re-expressed with `reference.lora.convert_adapter` in the *other* orientation,
+   in the ``contiguous_r`` lora_B convention, and in the other orientation with no provenance at all (sidecar absent,
+   ``peft_version`` removed), merged with `impl.merge.merge_adapter` (merged_16bit) and reloaded. Each outcome must be
+   either *converted* (logits equal the merge of the original adapter, max |Δ| <= 1e-5) or *refused* with an error
+   that names the cause; a merge that succeeds with other logits is the failure this check exists for (an adapter
+   applied transposed). Expected: declared fixtures are converted; the undeclared other-orientation fixture is refused
+   when the expert matrix is square (d1 == d2: the shapes cannot tell) and converted by its shapes otherwise.
+   The merge of the original adapter is itself checked against the live model (rel. Frobenius <= 1e-5, fp32).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from impl import compat, zoo  # noqa: E402
+from impl import train as tr  # noqa: E402
+from impl.merge import MERGED_16BIT, MergeError, merge_adapter  # noqa: E402
+from reference.layout import LayoutError, Orientation, peft_swaps  # noqa: E402
+from reference.lora import CONTIGUOUS_R, STRIDE_E, convert_adapter  # noqa: E402
+from tests.checks import helpers  # noqa: E402
+
+pytestmark = [pytest.mark.check, pytest.mark.upstream]
+
+SMALL_I = 8  # 2I = 16 < H = 32
+CASES = {  # case -> (zoo variant, config overrides)
+    "2i_eq_h": ("2i_eq_h", {}),
+    "i_eq_h": ("i_eq_h", {}),
+    "2i_gt_h": ("2i_ne_h", {}),
+    "2i_lt_h": ("2i_ne_h", {"small_i": SMALL_I}),
+}
+ATOL = 1e-5
+TOKENS = torch.arange(3, 3 + 2 * 9).reshape(2, 9) % zoo.VOCAB
+
+
+def _family() -> str:
+    return compat.QWEN3_MOE if compat.fused_experts(zoo.installed_version()) else compat.GPT_OSS
+
+
+def _build(family: str, case: str):
+    variant, extra = CASES[case]
+    overrides = {}
+    if "small_i" in extra:
+        overrides[compat.intermediate_attr(family)] = extra["small_i"]
+    return zoo.build_model(family, variant, seed=helpers.SEED, dtype=torch.float32, initializer_range=0.3, **overrides)
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits.to(torch.float64)
+
+
+def _trained_adapter(family: str, case: str, root):
+    """Base saved to root/base; a LoRA trained 5 steps (lr 5e-2) saved to root/adapter; returns (peft model, dims)."""
+    base = _build(family, case)
+    base.save_pretrained(root / "base")
+    pm = helpers.add_lora(base, family, r=2, alpha=4)
+    tr.train_lora(pm, helpers.make_task(), steps=5, lr=5e-2, seed=helpers.SEED)
+    pm.save_pretrained(root / "adapter")
+    return pm
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One trained adapter per case (shared by the round-trip and the foreign-adapter checks)."""
+    cache = {}
+
+    def get(case: str):
+        if case not in cache:
+            root = tmp_path_factory.mktemp(f"layout-{case}")
+            with helpers.single_thread():
+                pm = _trained_adapter(_family(), case, root)
+                cache[case] = (root, pm, _logits(pm))
+        return cache[case]
+
+    return get
+
+
+def _dims(family: str, case: str) -> dict:
+    d = zoo.describe(_build(family, case))
+    return {"E": d["E"], "H": d["H"], "I": d["I"]}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layout_roundtrip_from_pretrained(moe_check, case, trained):
+    family = _family()
+    moe_check.set(name="layout", family=family, variant=f"{case}:roundtrip")
+    root, pm, live = trained(case)
+    for k, v in _dims(family, case).items():
+        moe_check.metric(k, v)
+    with helpers.single_thread():
+        fresh = _build(family, case)
+        reloaded = peft.PeftModel.from_pretrained(fresh, str(root / "adapter"))
+        got = _logits(reloaded)
+        with pm.disable_adapter():
+            base = _logits(pm)
+    # the adapter must matter, else the round trip proves nothing (trained 5 steps: |Δlogit| ~0.1–1)
+    moe_check.require("lora_effect_max_abs_dlogit", (live - base).abs().max(), 1e-3, op=">=")
+    moe_check.require("reload_max_abs_dlogit", (got - live).abs().max(), ATOL)
+
+
+# --- foreign adapters -------------------------------------------------------------------------------------------
+
+
+def _is_transposed(family: str) -> bool | None:
+    return True if family == compat.GPT_OSS and compat.fused_experts(zoo.installed_version()) else None
+
+
+def _pairs(tensors: dict) -> list[tuple[str, str]]:
+    return sorted((k, k.replace("lora_A", "lora_B")) for k in tensors if k.endswith("lora_A.weight"))
+
+
+def _foreign(root, name: str, *, orientation: Orientation | None, convention: str, declare: bool, E: int, src):
+    """Write root/name: the trained adapter re-expressed (orientation / convention), with or without provenance."""
+    tensors = load_file(str(root / "adapter" / "adapter_model.safetensors"))
+    out = dict(tensors)
+    dst_o = orientation or src
+    for ka, kb in _pairs(tensors):
+        out[ka], out[kb] = convert_adapter(
+            tensors[ka], tensors[kb], E, src_orientation=src, dst_orientation=dst_o,
+            src_convention=STRIDE_E, dst_convention=convention,
+        )  # fmt: skip
+    d = root / name
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in out.items()}, str(d / "adapter_model.safetensors"))
+    cfg = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    if declare:
+        sidecar = {"orientation": dst_o.value, "lora_B_convention": convention}
+        (d / "moe_compat.json").write_text(json.dumps(sidecar))
+    else:
+        cfg.pop("peft_version", None)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _merge_logits(root, adapter_dir, name: str):
+    out = root / f"merged-{name}"
+    merge_adapter(root / "base", adapter_dir, out, method=MERGED_16BIT, dtype=torch.float32)
+    return _logits(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval())
+
+
+def _outcome(moe_check, root, adapter_dir, name: str, ref) -> str:
+    """'converted' (logits == ref), 'refused' (a merge/layout error naming the cause); raises if applied wrongly."""
+    try:
+        got = _merge_logits(root, adapter_dir, name)
+    except (MergeError, LayoutError) as exc:
+        moe_check.note(f"{name}: refused: {exc}")
+        return "refused"
+    diff = float((got - ref).abs().max())
+    moe_check.metric(f"{name}_max_abs_dlogit", diff, threshold=ATOL)
+    if diff > ATOL:
+        raise AssertionError(f"{name}: merged without error but logits differ by {diff:.3g} (adapter misapplied)")
+    return "converted"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layout_foreign(moe_check, case, trained):
+    family = _family()
+    moe_check.set(name="layout", family=family, variant=f"{case}:foreign")
+    root, pm, live = trained(case)
+    dims = _dims(family, case)
+    E = dims["E"]
+    cell = Orientation.SWAPPED if peft_swaps(peft.__version__, 3, _is_transposed(family)) else Orientation.STANDARD
+    other = Orientation.STANDARD if cell is Orientation.SWAPPED else Orientation.SWAPPED
+    with helpers.single_thread():
+        ref = _merge_logits(root, root / "adapter", "original")
+        rel = float((ref - live).norm() / live.norm())
+        moe_check.require("merge_vs_live_rel_err", rel, ATOL)
+        fixtures = {
+            "other_orientation_declared": dict(orientation=other, convention=STRIDE_E, declare=True),
+            "contiguous_r_declared": dict(orientation=None, convention=CONTIGUOUS_R, declare=True),
+            "other_orientation_undeclared": dict(orientation=other, convention=STRIDE_E, declare=False),
+        }
+        outcomes = {}
+        for name, spec in fixtures.items():
+            d = _foreign(root, name, E=E, src=cell, **spec)
+            outcomes[name] = _outcome(moe_check, root, d, name, ref)
+    for name, o in outcomes.items():
+        moe_check.metric(f"{name}_converted", float(o == "converted"))
+    square = dims["H"] in (2 * dims["I"], dims["I"])
+    want_undeclared = "refused" if square else "converted"
+    moe_check.metric("square_expert_matrix", float(square))
+    assert outcomes["other_orientation_declared"] == "converted", outcomes
+    assert outcomes["contiguous_r_declared"] == "converted", outcomes
+    assert outcomes["other_orientation_undeclared"] == want_undeclared, (outcomes, want_undeclared)
