@@ -289,16 +289,23 @@ def _check_expert_shapes(layers: list[MoeLayer], layout: str, n_exp: int, h: int
     for layer in layers:
         ex = layer.experts
         if layout == "module_list":
-            got = [(tuple(p.shape)) for p in _module_list_weights(ex)[0]]
+            got = [_logical_shape(p) for p in _module_list_weights(ex)[0]]
             want = [(i, h)] * n_exp
         elif layout == "fused_linear":
-            got = [tuple(ex.gate_up_proj.shape), tuple(ex.down_proj.shape)]
+            got = [_logical_shape(ex.gate_up_proj), _logical_shape(ex.down_proj)]
             want = [(n_exp, 2 * i, h), (n_exp, h, i)]
         else:
-            got = [tuple(ex.gate_up_proj.shape), tuple(ex.down_proj.shape)]
+            got = [_logical_shape(ex.gate_up_proj), _logical_shape(ex.down_proj)]
             want = [(n_exp, h, 2 * i), (n_exp, i, h)]
         if got != want:
             raise RuntimeError(f"{layer.path}: expected {layout} expert shapes {want}, got {got}")
+
+
+def _logical_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the weight a parameter stands for: bitsandbytes 4-bit params store packed bytes and carry the
+    logical shape in ``quant_state.shape``."""
+    qs = getattr(p, "quant_state", None)
+    return tuple(qs.shape) if qs is not None else tuple(p.shape)
 
 
 def _module_list_weights(experts) -> tuple[list, list, list]:

@@ -108,3 +108,19 @@ def test_family_availability_facts():
     """compat's version boundaries for the two late families agree with the installed release."""
     assert hasattr(transformers, "Qwen3_5MoeForCausalLM") == compat.family_available(compat.QWEN3_5_MOE, VERSION)
     assert hasattr(transformers, "Gemma4ForCausalLM") == compat.family_available(compat.GEMMA4, VERSION)
+
+
+def test_describe_bnb_4bit_model(tmp_path):
+    """describe() reads logical shapes of bitsandbytes 4-bit params (quant_state.shape), so it works on a model
+    loaded with load_in_4bit (4.57: every expert Linear becomes Linear4bit with packed [n/2, 1] bytes)."""
+    pytest.importorskip("bitsandbytes")
+    zoo.build_model(compat.QWEN3_MOE, "2i_ne_h").save_pretrained(tmp_path)
+    bnb = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", "mlp.gate"]
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, device_map="cpu")
+    d = zoo.describe(model)
+    assert (d["E"], d["H"], d["I"]) == (zoo.E, zoo.VARIANTS["2i_ne_h"].hidden, zoo.VARIANTS["2i_ne_h"].inter)
+    if d["layout"] == "module_list":
+        gate = zoo.module_list_weights(d["experts"][0])[0][0]
+        assert gate.quant_state is not None and tuple(gate.shape) != tuple(gate.quant_state.shape)
