@@ -47,7 +47,7 @@ def main():
         dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         gu, dn = W[v]
         lin = bm.linear_of(v)
-        cmode = "index_add" if v in bm.STOCK_COMBINE else "gather"
+        cmode = "stock" if v in bm.STOCK_COMBINE else "fast"
         lm = None
         leaves = [x]
         if lora:

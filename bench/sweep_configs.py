@@ -26,36 +26,35 @@ from impl.ops.quant import quantize_fp8_block_experts, quantize_nf4_experts  # n
 T = TileConfig
 DECODE = {
     "bf16": [T(16, 64, 256, 4, 3), T(16, 128, 64, 4, 5)],
-    "nf4": [T(16, 64, 128, 4, 4, 2), T(16, 128, 128, 4, 4, 2), T(16, 64, 256, 4, 3, 2), T(16, 128, 64, 4, 4, 2),
-            T(16, 256, 128, 8, 3, 2), T(16, 64, 128, 4, 4, 1), T(16, 128, 128, 4, 4, 1), T(16, 256, 128, 8, 3, 1),
-            T(16, 64, 128, 2, 4, 1), T(16, 64, 64, 4, 4, 2)],
-    "fp8_block": [T(16, 128, 128, 4, 4), T(16, 256, 128, 8, 3), T(16, 64, 128, 4, 4)],
+    "nf4": [T(16, 128, 64, 4, 4, 2), T(16, 128, 64, 4, 1, 2), T(16, 128, 64, 4, 2, 2), T(16, 128, 64, 4, 4, 2, 1),
+            T(16, 128, 64, 4, 1, 2, 1), T(16, 64, 128, 4, 1, 2), T(16, 128, 128, 8, 1, 2), T(16, 64, 64, 4, 4, 1),
+            T(16, 64, 64, 4, 1, 1), T(16, 128, 64, 4, 2, 1, 1), T(16, 256, 64, 8, 2, 2), T(16, 64, 64, 2, 2, 2)],
+    "fp8_block": [T(16, 256, 128, 8, 3)],
 }
 DECODE_T = {  # trans=True (input gradient): nf4 tiles are [BK, BN] with BN the contiguous axis
     "bf16": [T(16, 128, 64, 4, 5)],
-    "nf4": [T(16, 64, 128, 2, 4), T(16, 64, 128, 4, 4), T(16, 128, 64, 4, 4), T(16, 64, 64, 4, 5),
-            T(16, 128, 128, 8, 3), T(16, 64, 256, 4, 3)],
-    "fp8_block": [T(16, 128, 128, 4, 4), T(16, 64, 128, 4, 4)],
+    "nf4": [T(16, 64, 128, 2, 4), T(16, 64, 128, 2, 1), T(16, 64, 128, 4, 2), T(16, 64, 128, 2, 4, 1, 1),
+            T(16, 64, 128, 2, 1, 1, 1), T(16, 64, 64, 4, 1), T(16, 128, 64, 4, 2)],
+    "fp8_block": [T(16, 128, 128, 4, 4)],
 }
 PREFILL = {
-    "bf16": [T(128, 256, 64, 8, 3), T(128, 128, 64, 8, 4), T(128, 256, 64, 8, 4)],
-    "nf4": [T(128, 128, 64, 8, 3, 1), T(128, 256, 64, 8, 3, 1), T(128, 128, 128, 8, 3, 1), T(64, 128, 64, 4, 4, 1),
-            T(128, 64, 64, 4, 4, 1), T(64, 256, 64, 8, 3, 1), T(128, 128, 64, 8, 3, 2), T(128, 256, 64, 8, 3, 0)],
-    "fp8_block": [T(128, 128, 128, 8, 3), T(128, 256, 128, 8, 3), T(64, 128, 128, 4, 4), T(128, 128, 128, 4, 4),
-                  T(64, 256, 128, 8, 3)],
+    "bf16": [T(128, 256, 64, 8, 3)],
+    "nf4": [T(64, 128, 64, 4, 3, 2), T(64, 128, 64, 4, 1, 2), T(64, 128, 64, 4, 2, 1), T(64, 64, 64, 4, 1, 1),
+            T(64, 128, 64, 4, 2, 2, 1), T(128, 128, 64, 8, 1, 2), T(32, 128, 64, 4, 2, 2)],
+    "fp8_block": [T(64, 128, 128, 4, 4)],
 }
 PREFILL_T = {
-    "bf16": [T(128, 256, 64, 8, 3), T(128, 128, 64, 8, 4)],
-    "nf4": [T(128, 128, 64, 8, 3), T(128, 256, 64, 8, 3), T(64, 128, 64, 4, 4), T(128, 64, 64, 4, 4),
-            T(128, 128, 32, 8, 4), T(64, 64, 64, 4, 4)],
-    "fp8_block": [T(128, 128, 128, 8, 3), T(64, 128, 128, 4, 4), T(128, 256, 128, 8, 3)],
+    "bf16": [T(128, 256, 64, 8, 3)],
+    "nf4": [T(64, 64, 128, 4, 3), T(64, 64, 128, 4, 1), T(64, 64, 64, 4, 2), T(64, 64, 128, 4, 2, 1, 1),
+            T(128, 64, 64, 8, 1)],
+    "fp8_block": [T(128, 128, 128, 8, 3)],
 }
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="64,16384")
-    ap.add_argument("--fmts", default="bf16,nf4,fp8_block")
+    ap.add_argument("--tokens", default="64,1024")
+    ap.add_argument("--fmts", default="nf4")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     H, I, E, k = 2048, 768, 128, 8
@@ -63,6 +62,13 @@ def main():
     Ws = {"bf16": GroupedWeight(FMT_BF16, tuple(gu.shape), gu), "nf4": quantize_nf4_experts(gu),
           "fp8_block": quantize_fp8_block_experts(gu)}
     results = []
+    from impl.ops.nf4_dequant import nf4_dequantize
+    nf = Ws["nf4"]
+    out = torch.empty(nf.shape, dtype=torch.bfloat16, device="cuda")
+    td = 1e3 * do_bench(lambda: nf4_dequantize(nf.data, nf.scale, nf.code, nf.shape, torch.bfloat16, out=out),
+                        warmup=5, rep=20, return_mode="median")
+    n = gu.numel()
+    print(f"nf4_dequantize gate_up ({n / 1e6:.0f} M params): {td:.1f} us = {n * 2.5625 / td / 1e6:.2f} TB/s r+w", flush=True)
     for T in [int(t) for t in a.tokens.split(",")]:
         _, idx = torch.softmax(torch.randn(T, E, device="cuda"), -1).topk(k, dim=-1)
         _, _, offs = sort_pairs(idx, E)

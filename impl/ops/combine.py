@@ -62,11 +62,20 @@ class _Combine(torch.autograd.Function):
         return dy, dw, None, None, None
 
 
-def combine(y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """``inv [S]`` with ``inv[order[i]] = i`` (the sorted row of each pair)."""
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return inv
+
+
+def combine(
+    y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, token_idx: torch.Tensor, inv: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[T, H]`` (y's dtype): ``sum_j w[t, j] · y[row of pair (t, j)]``; order = stable sort of the flat pairs."""
     T, k = w.shape
     if y.dim() != 2 or y.shape[0] != T * k or order.shape != (T * k,):
         raise ValueError(f"y {tuple(y.shape)} / w {tuple(w.shape)} / order {tuple(order.shape)}: need S = T·k rows")
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel(), device=order.device)
+    if inv is None:
+        inv = inverse_order(order)
     return _Combine.apply(y, w, inv, token_idx, order)

@@ -49,8 +49,8 @@ def _rowwise_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     cols = tl.arange(0, BLOCK)
     mask = cols < K
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
-    q = tl.clamp(x / s, -448.0, 448.0)
+    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0), 1e-12)  # IEEE division, as the reference
+    q = tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0)
     tl.store(q_ptr + row * stride_q + cols, q.to(tl.float8e4nv), mask=mask)
     tl.store(s_ptr + row, s)
 

@@ -110,13 +110,41 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     nf4_mode: int = 1
+    nf4_select: int = 0  # 1: NF4 values by a select tree instead of a gather from the code table
 
 
 # ----------------------------------------------------------------------------------------------------- kernel pieces
 
 
 @triton.jit
-def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rows, cols0, R, C, COLS: tl.constexpr):
+def _nf4_values(codes, code_ptr, SELECT: tl.constexpr):
+    """fp32 NF4 values of int32 4-bit codes: a gather from the 16-entry table, or (SELECT) a 4-level select tree
+    over the 16 table entries (no per-element memory access; the same fp32 values)."""
+    if SELECT:
+        b0 = (codes & 1) != 0
+        b1 = (codes & 2) != 0
+        b2 = (codes & 4) != 0
+        b3 = (codes & 8) != 0
+        v0 = tl.where(b0, tl.load(code_ptr + 1), tl.load(code_ptr + 0))
+        v1 = tl.where(b0, tl.load(code_ptr + 3), tl.load(code_ptr + 2))
+        v2 = tl.where(b0, tl.load(code_ptr + 5), tl.load(code_ptr + 4))
+        v3 = tl.where(b0, tl.load(code_ptr + 7), tl.load(code_ptr + 6))
+        v4 = tl.where(b0, tl.load(code_ptr + 9), tl.load(code_ptr + 8))
+        v5 = tl.where(b0, tl.load(code_ptr + 11), tl.load(code_ptr + 10))
+        v6 = tl.where(b0, tl.load(code_ptr + 13), tl.load(code_ptr + 12))
+        v7 = tl.where(b0, tl.load(code_ptr + 15), tl.load(code_ptr + 14))
+        w0 = tl.where(b1, v1, v0)
+        w1 = tl.where(b1, v3, v2)
+        w2 = tl.where(b1, v5, v4)
+        w3 = tl.where(b1, v7, v6)
+        return tl.where(b3, tl.where(b2, w3, w2), tl.where(b2, w1, w0))
+    else:
+        return tl.load(code_ptr + codes)
+
+
+@triton.jit
+def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rows, cols0, R, C, COLS: tl.constexpr,
+              SELECT: tl.constexpr = False):
     """fp32 [ROWS, COLS] of W_e[rows, cols0:cols0+COLS]; e_base = e*R*C (even); cols0 % 64 == 0; C % 64 == 0."""
     HALF: tl.constexpr = COLS // 2
     cb = cols0 // 2 + tl.arange(0, HALF)
@@ -127,7 +155,7 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rows, cols0, R, C, COLS:
     hi = (byte >> 4) & 15
     lo = byte & 15
     codes = tl.interleave(hi, lo)  # first element in the high nibble
-    vals = tl.load(code_ptr + codes)
+    vals = _nf4_values(codes, code_ptr, SELECT)
     NB: tl.constexpr = COLS // 64
     sb = cols0 // 64 + tl.arange(0, NB)
     s_off = e_base // 64 + rows.to(tl.int64)[:, None] * (C // 64) + sb[None, :]
@@ -141,16 +169,20 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rows, cols0, R, C, COLS:
 
 @triton.jit
 def _nf4_tile_kmajor(packed_ptr, absmax_ptr, code_ptr, e_base, k0, rn, nmask, C, BK: tl.constexpr,
-                     OUT_DTYPE: tl.constexpr):
+                     OUT_DTYPE: tl.constexpr, SELECT: tl.constexpr = False):
     """[BK, BN] tile with element (k, n) = W_e[n, k0 + k], built from the bytes [BK/2, BN] (two k per byte): the
     high/low nibbles are joined on a new minor axis and folded into K, so no transpose of the dequantized tile."""
     kb = k0 // 2 + tl.arange(0, BK // 2)
     n64 = rn.to(tl.int64)
     m = (kb < C // 2)[:, None] & nmask[None, :]
     byte = tl.load(packed_ptr + e_base // 2 + n64[None, :] * (C // 2) + kb[:, None], mask=m, other=0).to(tl.int32)
-    am = tl.load(absmax_ptr + e_base // 64 + n64[None, :] * (C // 64) + (kb // 32)[:, None], mask=m, other=0.0)
-    hv = (tl.load(code_ptr + ((byte >> 4) & 15)) * am).to(OUT_DTYPE)
-    lv = (tl.load(code_ptr + (byte & 15)) * am).to(OUT_DTYPE)
+    if BK == 64:  # one absmax per n for the whole tile
+        am1 = tl.load(absmax_ptr + e_base // 64 + n64 * (C // 64) + k0 // 64, mask=nmask, other=0.0)
+        am = tl.broadcast_to(am1[None, :], (BK // 2, rn.shape[0]))
+    else:
+        am = tl.load(absmax_ptr + e_base // 64 + n64[None, :] * (C // 64) + (kb // 32)[:, None], mask=m, other=0.0)
+    hv = (_nf4_values((byte >> 4) & 15, code_ptr, SELECT) * am).to(OUT_DTYPE)
+    lv = (_nf4_values(byte & 15, code_ptr, SELECT) * am).to(OUT_DTYPE)
     return tl.reshape(tl.permute(tl.join(hv, lv), (0, 2, 1)), (BK, rn.shape[0]))
 
 
@@ -159,7 +191,7 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_
             s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
             R, C, KRED, K_END,
             WFMT: tl.constexpr, TRANS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
-            NF4_MODE: tl.constexpr, X_FP8: tl.constexpr):
+            NF4_MODE: tl.constexpr, X_FP8: tl.constexpr, SELECT: tl.constexpr):
     """The reduction loop over [0, K_END) (K_END == KRED; a Python int under the interpreter).
 
     acc is [BM, BN], except for NF4_MODE == 2 (swap-AB, not trans): acc is [BN, BM] = W_tile @ x_tile.T."""
@@ -186,26 +218,26 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_
         elif WFMT == 1:
             e_base = e64 * R * C
             if TRANS:  # rows = k (R axis), cols = n (C axis, contiguous)
-                wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rk, pid_n * BN, R, C, BN)
+                wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rk, pid_n * BN, R, C, BN, SELECT)
                 if DOT_FP32:
                     acc += tl.dot(a.to(tl.float32), wt)
                 else:
                     acc = tl.dot(a, wt.to(a.dtype), acc)
             elif NF4_MODE == 2:  # swap-AB: the dequantized [BN, BK] tile is the A operand, no transpose
-                wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK)
+                wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK, SELECT)
                 if DOT_FP32:
                     acc += tl.dot(wt, at.to(tl.float32))
                 else:
                     acc = tl.dot(wt.to(at.dtype), at, acc)
             elif NF4_MODE == 1:
                 if DOT_FP32:
-                    wt = _nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, tl.float32)
+                    wt = _nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, tl.float32, SELECT)
                     acc += tl.dot(a.to(tl.float32), wt)
                 else:
-                    wt = _nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, a.dtype)
+                    wt = _nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, a.dtype, SELECT)
                     acc = tl.dot(a, wt, acc)
             else:  # rows = n (R axis), cols = k (C axis, contiguous), transposed in registers
-                wt = tl.trans(_nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK))
+                wt = tl.trans(_nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK, SELECT))
                 if DOT_FP32:
                     acc += tl.dot(a.to(tl.float32), wt)
                 else:
@@ -220,8 +252,8 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_
             else:  # 1x128 activation quantization in registers
                 af = a.to(tl.float32)
                 amax = tl.max(tl.abs(af), axis=1)
-                xs = tl.maximum(amax / 448.0, 1e-12)
-                aqf = tl.clamp(af / xs[:, None], -448.0, 448.0)
+                xs = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # IEEE division, as the reference
+                aqf = tl.clamp(tl.math.div_rn(af, xs[:, None]), -448.0, 448.0)
                 if DOT_FP32:
                     aq = _e4m3_round_emulated(aqf)
                 else:
@@ -268,7 +300,7 @@ def _grouped_gemm_kernel(
     E, R, C, NOUT, KRED, K_LOOP: tl.constexpr,
     WFMT: tl.constexpr, TRANS: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr,
     E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
-    NF4_MODE: tl.constexpr, X_FP8: tl.constexpr,
+    NF4_MODE: tl.constexpr, X_FP8: tl.constexpr, NF4_SELECT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -301,12 +333,12 @@ def _grouped_gemm_kernel(
         acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
                       w_ptr, stride_we, stride_wr, stride_wc,
                       s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
-                      R, C, KRED, K_LOOP, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8)
+                      R, C, KRED, K_LOOP, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8, NF4_SELECT)
     else:
         acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
                       w_ptr, stride_we, stride_wr, stride_wc,
                       s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
-                      R, C, KRED, KRED, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8)
+                      R, C, KRED, KRED, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8, NF4_SELECT)
     if SWAP:
         acc = tl.trans(acc)
     if HAS_LORA:
@@ -334,8 +366,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
     m = (rm < M)[:, None] & (rk < K)[None, :]
     rm64 = rm.to(tl.int64)
     x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :], mask=m, other=0.0).to(tl.float32)
-    sc = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
-    q = tl.clamp(x / sc[:, None], -448.0, 448.0)
+    sc = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0), 1e-12)  # IEEE division, as the reference
+    q = tl.clamp(tl.math.div_rn(x, sc[:, None]), -448.0, 448.0)
     if EMULATE:
         q = _e4m3_round_emulated(q)  # exactly representable, so the interpreter's cast is exact
     tl.store(q_ptr + rm64[:, None] * stride_qm + rk[None, :], q.to(tl.float8e4nv), mask=m)
@@ -371,25 +403,27 @@ def interpret_mode() -> bool:
 
 
 def default_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int) -> TileConfig:
-    """Heuristic block sizes by the mean rows per expert (``rows / E``): decode (weight streaming), mid, prefill."""
+    """Block sizes by the mean rows per expert (``rows / E``): decode (weight streaming), mid, prefill.
+
+    Picked from `bench/sweep_configs.py` on an H200 at Qwen3-30B-A3B shapes (reports/bench/*sweep*)."""
     per_expert = rows / max(1, num_experts)
     if fmt == FMT_FP8:
         if per_expert <= 16:
-            return TileConfig(16, 64, 128, 4, 4)
+            return TileConfig(16, 128, 128, 4, 4) if trans else TileConfig(16, 256, 128, 8, 3)
         if per_expert <= 128:
             return TileConfig(64, 128, 128, 4, 3)
-        return TileConfig(128, 128, 128, 8, 3)
+        return TileConfig(128, 128, 128, 8, 3) if trans else TileConfig(64, 128, 128, 4, 4)
     if fmt == FMT_NF4:
         if per_expert <= 16:
-            return TileConfig(16, 64, 128, 4, 4, nf4_mode=2)
+            return TileConfig(16, 64, 128, 2, 4) if trans else TileConfig(16, 128, 64, 4, 4, nf4_mode=2)
         if per_expert <= 128:
-            return TileConfig(64, 64, 128, 4, 3, nf4_mode=1)
-        return TileConfig(128, 128, 64, 8, 3, nf4_mode=1)
+            return TileConfig(64, 64, 128, 4, 3) if trans else TileConfig(64, 128, 64, 4, 3, nf4_mode=2)
+        return TileConfig(128, 128, 64, 8, 3) if trans else TileConfig(128, 128, 64, 8, 3, nf4_mode=2)
     if per_expert <= 16:
-        return TileConfig(16, 64, 128, 4, 4)
+        return TileConfig(16, 128, 64, 4, 5) if trans else TileConfig(16, 64, 256, 4, 3)
     if per_expert <= 128:
         return TileConfig(64, 128, 64, 4, 3)
-    return TileConfig(128, 128, 64, 8, 3)
+    return TileConfig(128, 256, 64, 8, 3)
 
 
 def grouped_mm(
@@ -493,7 +527,7 @@ def grouped_mm(
         E, R, C, nout, kred, kred if interpret_mode() else 0,
         WFMT=_FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, RANK_P=rank_p,
         E_P2=max(16, _next_pow2(E)), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_FP32=dot_fp32,
-        NF4_MODE=cfg.nf4_mode, X_FP8=x_fp8,
+        NF4_MODE=cfg.nf4_mode, X_FP8=x_fp8, NF4_SELECT=bool(cfg.nf4_select),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

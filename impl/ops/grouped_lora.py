@@ -18,8 +18,28 @@ from __future__ import annotations
 
 import torch
 
-from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, grouped_mm
+from impl.ops.grouped_gemm import FMT_BF16, FMT_NF4, GroupedWeight, grouped_mm
 from impl.ops.grouped_wgrad import grouped_wgrad
+from impl.ops.nf4_dequant import nf4_dequantize
+
+# NF4 policy "auto": above this many rows per expert (on average) the K-loop dequantization is re-done by too many
+# M tiles, so the experts are dequantized ONCE into a bf16 scratch buffer (our Triton dequant, ~HBM speed) and the
+# bf16 kernel runs with the same fused LoRA epilogue. Measured on an H200 (reports/bench): see docs in bench_moe.py.
+NF4_DEQUANT_MIN_ROWS_PER_EXPERT = 128
+NF4_POLICIES = ("auto", "fused", "dequant")
+
+
+def _resolve(weight: GroupedWeight, x: torch.Tensor, policy: str) -> GroupedWeight:
+    """The weight the kernel runs on: NF4 itself (K-loop dequant) or a fresh dequantization of it in x's dtype."""
+    rows = x.shape[0]
+    if policy not in NF4_POLICIES:
+        raise ValueError(f"nf4_policy must be one of {NF4_POLICIES}, got {policy!r}")
+    if weight.fmt != FMT_NF4 or policy == "fused":
+        return weight
+    if policy == "auto" and rows / weight.num_experts <= NF4_DEQUANT_MIN_ROWS_PER_EXPERT:
+        return weight
+    w = nf4_dequantize(weight.data, weight.scale, weight.code, weight.shape, x.dtype)
+    return GroupedWeight(FMT_BF16, weight.shape, w)
 
 
 def _bf16(t: torch.Tensor) -> GroupedWeight:
@@ -28,17 +48,19 @@ def _bf16(t: torch.Tensor) -> GroupedWeight:
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a_e, b_e, weight: GroupedWeight, offsets, scaling: float):
+    def forward(ctx, x, a_e, b_e, weight: GroupedWeight, offsets, scaling: float, nf4_policy: str):
+        ctx.nf4_policy = nf4_policy
+        base = _resolve(weight, x, nf4_policy)
         has_lora = a_e is not None
         if has_lora:
             a_c = a_e.to(x.dtype).contiguous()  # [E, r, C]
             b_c = b_e.to(x.dtype).contiguous()  # [E, R, r]
             xa = grouped_mm(x, _bf16(a_c), offsets)  # [S, r]
-            y = grouped_mm(x, weight, offsets, lora_in=xa, lora_out=b_c.transpose(1, 2), lora_scale=scaling)
+            y = grouped_mm(x, base, offsets, lora_in=xa, lora_out=b_c.transpose(1, 2), lora_scale=scaling)
             ctx.save_for_backward(x, xa, a_c, b_c, offsets)
             ctx.param_dtypes = (a_e.dtype, b_e.dtype)
         else:
-            y = grouped_mm(x, weight, offsets)
+            y = grouped_mm(x, base, offsets)
             ctx.save_for_backward(offsets)
         ctx.weight = weight
         ctx.scaling = scaling
@@ -51,17 +73,20 @@ class _GroupedLinear(torch.autograd.Function):
         weight = ctx.weight
         if not ctx.has_lora:
             (offsets,) = ctx.saved_tensors
-            dx = grouped_mm(dy, weight, offsets, trans=True) if ctx.needs_input_grad[0] else None
-            return dx, None, None, None, None, None
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = grouped_mm(dy, _resolve(weight, dy, ctx.nf4_policy), offsets, trans=True)
+            return dx, None, None, None, None, None, None
         x, xa, a_c, b_c, offsets = ctx.saved_tensors
         s = ctx.scaling
         dyb = grouped_mm(dy, _bf16(b_c), offsets, trans=True)  # [S, r] = dy @ B_e
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = grouped_mm(dy, weight, offsets, trans=True, lora_in=dyb, lora_out=a_c, lora_scale=s)
+            dx = grouped_mm(dy, _resolve(weight, dy, ctx.nf4_policy), offsets, trans=True, lora_in=dyb,
+                            lora_out=a_c, lora_scale=s)
         da = grouped_wgrad(dyb, x, offsets, scale=s, out_dtype=ctx.param_dtypes[0])  # [E, r, C]
         db = grouped_wgrad(dy, xa, offsets, scale=s, out_dtype=ctx.param_dtypes[1])  # [E, R, r]
-        return dx, da, db, None, None, None
+        return dx, da, db, None, None, None, None
 
 
 def grouped_linear(
@@ -71,8 +96,13 @@ def grouped_linear(
     lora_A: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None,
     scaling: float = 1.0,
+    nf4_policy: str = "auto",
 ) -> torch.Tensor:
     """``y [S, R]`` from ``x [S, C]`` (rows sorted by expert) with an optional PEFT stride-E adapter.
+
+    nf4_policy (NF4 weights only): "fused" = dequantize inside the GEMM's K loop; "dequant" = dequantize all experts
+    to a bf16 scratch buffer first (forward and again in backward; nothing is kept); "auto" = fused up to
+    NF4_DEQUANT_MIN_ROWS_PER_EXPERT mean rows per expert, dequant above.
 
     lora_A ``[r·E, C]``, lora_B ``[R, r·E]`` (swapped orientation, the fused_linear layout's semantic one). The base
     weight is frozen: gradients flow to x, lora_A and lora_B only.
@@ -81,7 +111,7 @@ def grouped_linear(
     if (lora_A is None) != (lora_B is None):
         raise ValueError("pass both lora_A and lora_B, or neither")
     if lora_A is None:
-        return _GroupedLinear.apply(x, None, None, weight, offsets, scaling)
+        return _GroupedLinear.apply(x, None, None, weight, offsets, scaling, nf4_policy)
     if lora_A.dim() != 2 or lora_A.shape[0] % E or lora_A.shape[1] != C:
         raise ValueError(f"lora_A must be [r·E, C={C}] with E={E}, got {tuple(lora_A.shape)}")
     r = lora_A.shape[0] // E
@@ -89,4 +119,4 @@ def grouped_linear(
         raise ValueError(f"lora_B must be [R={R}, r·E={r * E}], got {tuple(lora_B.shape)}")
     a_e = lora_A.view(E, r, C)
     b_e = lora_B.view(R, r, E).permute(2, 0, 1)  # [E, R, r]: B_e[n, j] = lora_B[n, j·E + e]
-    return _GroupedLinear.apply(x, a_e, b_e, weight, offsets, scaling)
+    return _GroupedLinear.apply(x, a_e, b_e, weight, offsets, scaling, nf4_policy)

@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from impl.ops.combine import combine
+from impl.ops.combine import combine, inverse_order
+from impl.ops.glue import gather_rows, silu_mul
 from impl.ops.grouped_gemm import GroupedWeight
 from impl.ops.grouped_lora import grouped_linear
 
@@ -28,7 +29,9 @@ def sort_pairs(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     """``idx [T, k]`` -> (order [S] int64 pair ids sorted by expert (stable), token_idx [S], offsets int32 [E])."""
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add instead of bincount: no host sync, so the layer can be captured in a CUDA graph
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat.long(),
+                                                                                      torch.ones_like(flat, dtype=torch.int64))
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     return order, order // idx.shape[1], offsets
 
@@ -41,13 +44,16 @@ def moe_layer(
     down: GroupedWeight,
     lora: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None,
     linear: Linear = grouped_linear,
-    combine_mode: str = "gather",
+    glue: str = "fast",
 ) -> torch.Tensor:
     """``[T, H]`` in x's dtype. lora: {"gate_up": (lora_A, lora_B, scaling), "down": (...)} (either key optional).
 
-    combine_mode: "gather" (`impl.ops.combine`, one Triton pass, no atomics) or "index_add" (the stock
-    ``index_add_`` of fp32 products, as transformers' grouped_mm experts and the baseline measurements do).
+    glue: "fast" (`impl.ops.glue.gather_rows`, `silu_mul`, `impl.ops.combine`: Triton, no atomics, no fp32
+    intermediates) or "stock" (``x[token_idx]``, ``F.silu(g) * u``, ``index_add_`` of fp32 products, as
+    transformers' grouped_mm experts and the baseline measurements do).
     """
+    if glue not in ("fast", "stock"):
+        raise ValueError(f"glue must be 'fast' or 'stock', got {glue!r}")
     E, two_i, H = gate_up.shape
     if down.shape != (E, H, two_i // 2):
         raise ValueError(f"down {down.shape} does not match gate_up {gate_up.shape}: need {(E, H, two_i // 2)}")
@@ -55,15 +61,18 @@ def moe_layer(
         raise ValueError(f"x {tuple(x.shape)} / idx {tuple(idx.shape)} / w {tuple(w.shape)} do not match H={H}")
     lora = lora or {}
     order, token_idx, offsets = sort_pairs(idx, E)
+    if glue == "fast":
+        inv = inverse_order(order)
+        xs = gather_rows(x, token_idx, inv, idx.shape[1])
+        h = linear(xs, gate_up, offsets, *lora.get("gate_up", (None, None, 1.0)))
+        a = silu_mul(h)
+        y = linear(a, down, offsets, *lora.get("down", (None, None, 1.0)))
+        return combine(y, w, order, token_idx, inv).to(x.dtype)
     xs = x[token_idx]
     h = linear(xs, gate_up, offsets, *lora.get("gate_up", (None, None, 1.0)))
     g, u = h.split(two_i // 2, dim=-1)
     a = F.silu(g) * u
     y = linear(a, down, offsets, *lora.get("down", (None, None, 1.0)))
-    if combine_mode == "gather":
-        return combine(y, w, order, token_idx).to(x.dtype)
-    if combine_mode != "index_add":
-        raise ValueError(f"combine_mode must be 'gather' or 'index_add', got {combine_mode!r}")
     ws = w.reshape(-1)[order].to(torch.float32)
     out = torch.zeros((x.shape[0], H), dtype=torch.float32, device=x.device)
     out = out.index_add(0, token_idx, y.to(torch.float32) * ws[:, None])

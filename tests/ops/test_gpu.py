@@ -93,7 +93,7 @@ def test_grouped_mm_real_shapes(weights, T, fmt, proj, trans):
 
 
 @pytest.mark.parametrize("T,cfg", [(4, TileConfig(16, 64, 128, 4, 4, 0)), (4, TileConfig(16, 64, 128, 4, 4, 1)),
-                                   (4, TileConfig(16, 128, 128, 4, 4, 2)), (4096, TileConfig(128, 128, 64, 8, 3, 1)),
+                                   (4, TileConfig(16, 128, 128, 4, 4, 2)), (4, TileConfig(16, 128, 64, 4, 1, 2, 1)), (4096, TileConfig(128, 128, 64, 8, 3, 1)),
                                    (4096, TileConfig(128, 128, 64, 8, 3, 2)), (4096, TileConfig(64, 128, 128, 4, 4, 1))])
 def test_nf4_modes_real_shapes(weights, T, cfg):
     gw = weights["nf4"][0]
@@ -140,9 +140,9 @@ def test_nf4_dequantize_matches_reference_on_gpu():
     assert torch.equal(ours.cpu(), rnf4.dequantize_nf4(packed, st, torch.float32).reshape(w.shape))
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "nf4"])
+@pytest.mark.parametrize("fmt,policy", [("bf16", "auto"), ("nf4", "fused"), ("nf4", "dequant")])
 @pytest.mark.parametrize("r", [16, 5])
-def test_grouped_linear_lora_real_shapes(weights, fmt, r):
+def test_grouped_linear_lora_real_shapes(weights, fmt, policy, r):
     gw = weights[fmt][0]
     _, R, C = gw.shape
     _, idx = routing(300, seed=r)
@@ -155,7 +155,7 @@ def test_grouped_linear_lora_real_shapes(weights, fmt, r):
     B = (torch.randn(R, r * E, device=DEV) * 0.02).requires_grad_(True)
     dy = torch.randn(S, R, device=DEV, dtype=torch.bfloat16)
     xk = x.clone().requires_grad_(True)
-    y = grouped_linear(xk, gw, offs, A, B, s)
+    y = grouped_linear(xk, gw, offs, A, B, s, nf4_policy=policy)
     gx, gA, gB = torch.autograd.grad(y, (xk, A, B), dy)
 
     wd = dense_of(gw)

@@ -23,7 +23,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
-from impl.ops.combine import combine  # noqa: E402
+from impl.ops.combine import combine, inverse_order  # noqa: E402
+from impl.ops.glue import gather_rows, silu_mul  # noqa: E402
 from impl.ops.grouped_gemm import (  # noqa: E402
     FMT_BF16,
     FMT_FP8,
@@ -109,6 +110,8 @@ def test_dense_grouped_mm(trans):
                                        (False, TileConfig(16, 64, 128, nf4_mode=0)),
                                        (False, TileConfig(16, 32, 128, nf4_mode=1)),
                                        (False, TileConfig(16, 64, 64, nf4_mode=2)),
+                                       (False, TileConfig(16, 64, 64, nf4_mode=2, nf4_select=1)),
+                                       (True, TileConfig(16, 64, 32, nf4_select=1)),
                                        (True, TileConfig(16, 64, 32)), (True, TileConfig(32, 128, 64))])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_grouped_mm(trans, cfg, double_quant):
@@ -191,8 +194,8 @@ def _peft_factors(E: int, r: int, R: int, C: int) -> tuple[torch.Tensor, torch.T
     return torch.randn(r * E, C) * 0.3, torch.randn(R, r * E) * 0.3
 
 
-@pytest.mark.parametrize("fmt", [FMT_BF16, FMT_NF4])
-def test_grouped_linear_lora_fwd_bwd(fmt):
+@pytest.mark.parametrize("fmt,policy", [(FMT_BF16, "auto"), (FMT_NF4, "fused"), (FMT_NF4, "dequant")])
+def test_grouped_linear_lora_fwd_bwd(fmt, policy):
     """Forward and all three gradients (x, lora_A, lora_B) against float64 autograd through reference.lora."""
     torch.manual_seed(6)
     E, R, C, r, s = len(COUNTS), 72, 128, 5, 0.75  # rank 5: not a multiple of 8
@@ -208,7 +211,7 @@ def test_grouped_linear_lora_fwd_bwd(fmt):
     dy = torch.randn(S, R)
 
     xk, Ak, Bk = (t.clone().requires_grad_(True) for t in (x, A, B))
-    y = grouped_linear(xk, gw, offs, Ak, Bk, s)
+    y = grouped_linear(xk, gw, offs, Ak, Bk, s, nf4_policy=policy)
     y.backward(dy)
 
     x64, A64, B64 = (t.double().requires_grad_(True) for t in (x, A, B))
@@ -243,8 +246,33 @@ def test_combine_fwd_bwd(w_grad):
         assert rel(w.grad, w64.grad) < CPU_TOL
 
 
-@pytest.mark.parametrize("combine_mode", ["gather", "index_add"])
-def test_moe_layer_matches_reference(combine_mode):
+def test_glue_fwd_bwd():
+    """gather_rows and silu_mul (and their backward) against torch autograd in float64."""
+    torch.manual_seed(10)
+    T, k, H, E, I = 7, 2, 24, 4, 40
+    idx = torch.randint(0, E, (T, k))
+    order, token_idx, _ = sort_pairs(idx, E)
+    x = torch.randn(T, H, requires_grad=True)
+    xs = gather_rows(x, token_idx, inverse_order(order), k)
+    d = torch.randn_like(xs)
+    xs.backward(d)
+    x64 = x.detach().double().requires_grad_(True)
+    x64[token_idx].backward(d.double())
+    assert torch.equal(xs, x.detach()[token_idx])
+    assert rel(x.grad, x64.grad) < CPU_TOL
+    h = torch.randn(T * k, 2 * I, requires_grad=True)
+    a = silu_mul(h)
+    da = torch.randn_like(a)
+    a.backward(da)
+    h64 = h.detach().double().requires_grad_(True)
+    a64 = torch.nn.functional.silu(h64[:, :I]) * h64[:, I:]
+    a64.backward(da.double())
+    assert rel(a, a64) < CPU_TOL
+    assert rel(h.grad, h64.grad) < CPU_TOL
+
+
+@pytest.mark.parametrize("glue", ["fast", "stock"])
+def test_moe_layer_matches_reference(glue):
     """Whole layer (NF4 base + LoRA on both projections) against reference.experts.fused_linear_experts in float64."""
     torch.manual_seed(7)
     E, H, I, T, k, r = 6, 128, 64, 7, 2, 3
@@ -257,7 +285,7 @@ def test_moe_layer_matches_reference(combine_mode):
     A1, B1 = _peft_factors(E, r, 2 * I, H)
     A2, B2 = _peft_factors(E, r, H, I)
     out = moe_layer(x, idx, w, gu, dn, lora={"gate_up": (A1, B1, 0.5), "down": (A2, B2, 0.5)},
-                    combine_mode=combine_mode)
+                    glue=glue)
     lora = {"gate_up": LoraFactors(A1.double(), B1.double(), 0.5, Orientation.SWAPPED),
             "down": LoraFactors(A2.double(), B2.double(), 0.5, Orientation.SWAPPED)}
     ref = fused_linear_experts(x.double(), idx, w.double(), gu_d, dn_d, "silu", lora=lora)
