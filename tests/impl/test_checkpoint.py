@@ -211,6 +211,18 @@ def test_partial_edge_blocks_and_config_block(tmp_path):
         discover_fp8(open_checkpoint(_write(tmp_path / "b", {"m.safetensors": ts}, {})))
 
 
+def test_per_tensor_and_per_row_scales(tmp_path):
+    """A scalar scale is the block (R, C); a per-row ``[R, 1]`` (compressed-tensors channel) or ``[R]`` is (1, C)."""
+    w = torch.randn(200, 256, generator=torch.Generator().manual_seed(8))
+    q_t, s_t = quantize_fp8_block(w, (200, 256))
+    q_r, s_r = quantize_fp8_block(w, (1, 256))
+    ts = {"t.weight": q_t, "t.weight_scale": s_t.reshape(()), "r.weight": q_r, "r.weight_scale": s_r}
+    ts.update({"v.weight": q_r.clone(), "v.weight_scale": s_r.reshape(200).clone()})
+    entries = discover_fp8(open_checkpoint(_write(tmp_path, {"m.safetensors": ts}, {})))
+    blocks = {k: e.block for k, e in entries.items()}
+    assert blocks == {"t.weight": (200, 256), "r.weight": (1, 256), "v.weight": (1, 256)}
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [

@@ -38,7 +38,7 @@ from impl import zoo  # noqa: E402
 from impl.checkpoint import PER_EXPERT_RE, open_checkpoint  # noqa: E402
 from impl.merge import FP8_METHOD, MERGED_16BIT, AdapterError, merge_adapter  # noqa: E402
 from reference.fp8 import dequantize_fp8, quantize_fp8_block  # noqa: E402
-from reference.layout import Orientation  # noqa: E402
+from reference.layout import Orientation, peft_swaps  # noqa: E402
 from reference.lora import CONTIGUOUS_R, STRIDE_E, convert_adapter  # noqa: E402
 
 pytestmark = pytest.mark.upstream
@@ -254,16 +254,26 @@ def test_merged_equals_live_peft(tmp_path, family, dtype):
     assert rel_err(ref, got) <= tol
 
 
-@pytest.mark.parametrize("variant", ["2i_eq_h", "i_eq_h"])
-def test_square_experts_resolved_by_peft_version_or_refused(tmp_path, variant):
-    """2I == H / I == H: both orientations fit; adapter_config's peft_version (PEFT's per-version rule) decides;
-    without it the merge refuses, with the sidecar it follows the sidecar."""
-    if zoo.describe(zoo.build_model("qwen3_moe", variant))["layout"] == "module_list":
+@pytest.mark.parametrize(
+    ("family", "variant"), [("qwen3_moe", "2i_eq_h"), ("qwen3_moe", "i_eq_h"), ("gpt_oss", "2i_eq_h")]
+)
+def test_square_experts_resolved_by_peft_version_or_refused(tmp_path, family, variant):
+    """2I == H / I == H: both orientations fit. adapter_config's peft_version decides through PEFT's per-version rule
+    (reference.layout.peft_swaps) when the rule does not depend on ``is_transposed``; for GPT-OSS it does from PEFT
+    0.19 on (True in transformers 5.x, absent in 4.57: not knowable from the checkpoint), so the merge refuses.
+    Without peft_version the merge refuses; the sidecar (per-param orientation from the live wrappers' swap flag)
+    always resolves it."""
+    model = save_base(tmp_path / "base", family, variant)
+    if zoo.describe(model)["layout"] == "module_list":
         pytest.skip("4.57 experts are per-expert Linear: no 3-D orientation question")
-    save_base(tmp_path / "base", "qwen3_moe", variant)
     live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad")
-    merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
-    assert rel_err(logits(live), logits(_load(tmp_path / "out"))) <= 1e-5
+    version = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["peft_version"]
+    if family == "gpt_oss" and peft_swaps(version, 3, True) != peft_swaps(version, 3, False):
+        with pytest.raises(AdapterError, match="depends on the experts' is_transposed"):
+            merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+    else:
+        merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+        assert rel_err(logits(live), logits(_load(tmp_path / "out"))) <= 1e-5
 
     cfg_path = tmp_path / "ad" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -273,9 +283,13 @@ def test_square_experts_resolved_by_peft_version_or_refused(tmp_path, variant):
         merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
 
-    flag = bool(getattr(live.base_model.model.model.layers[0].mlp.experts, "_did_swap_in_out_features", False))
-    orientation = Orientation.SWAPPED if flag else Orientation.STANDARD
-    (tmp_path / "ad" / "moe_compat.json").write_text(json.dumps({"orientation": orientation.value}))
+    outer = live.base_model.model.model.layers[0].mlp.experts  # down_proj wrapper; .base_layer wraps gate_up_proj
+    flags = {"down_proj": outer, "gate_up_proj": outer.base_layer}
+    sidecar = {
+        name: (Orientation.SWAPPED if getattr(w, "_did_swap_in_out_features", False) else Orientation.STANDARD).value
+        for name, w in flags.items()
+    }
+    (tmp_path / "ad" / "moe_compat.json").write_text(json.dumps({"orientation": sidecar}))
     merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out3")
     assert rel_err(logits(live), logits(_load(tmp_path / "out3"))) <= 1e-5
 

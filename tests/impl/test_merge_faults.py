@@ -251,3 +251,78 @@ def test_successful_merge_counts_and_keeps_source(tmp_path, small):
     assert report.expert_deltas == 3 * 3 * SMALL["E"] and report.linear_deltas == 0
     src, out = load_tensors(base), load_tensors(tmp_path / "out")
     assert src.keys() == out.keys() and all(not torch.equal(src[k], out[k]) for k in src)
+
+
+# --- bytes against reference.merge (no transformers needed) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["merged_16bit", "fp8"])
+def test_fp8_merge_equals_reference_merge(tmp_path, method):
+    """Every merged expert tensor equals reference.merge (merge_fp8_to_bf16 / merge_into_fp8) on the same q, scale,
+    block and ΔW from reference.lora (PEFT 0.21 on fused_linear: swapped, stride-E), bit for bit. H=64, I=32 with
+    128×128 blocks: every scale grid is a partial [1, 1] ceil grid."""
+    from reference.merge import merge_fp8_to_bf16, merge_into_fp8
+
+    base, adapter = build_synthetic(tmp_path, fp8=True, **SMALL)
+    merge_adapter(base, adapter, tmp_path / "out", method=method)
+    src, out, lora = load_tensors(base), load_tensors(tmp_path / "out"), load_tensors(adapter)
+    E, I = SMALL["E"], SMALL["I"]
+    for layer in range(SMALL["shards"]):
+        p = f"model.layers.{layer}.mlp.experts"
+        deltas = _ref_deltas(lora, p)
+        for e in range(E):
+            for proj, d in (("gate_proj", deltas["gate_up"][e, :I]), ("up_proj", deltas["gate_up"][e, I:])):
+                _check_one(src, out, f"{p}.{e}.{proj}.weight", d, method, merge_fp8_to_bf16, merge_into_fp8)
+            _check_one(
+                src, out, f"{p}.{e}.down_proj.weight", deltas["down"][e], method, merge_fp8_to_bf16, merge_into_fp8
+            )
+
+
+def _check_one(src, out, key, delta, method, to_bf16, into_fp8):
+    q, s = src[key], src[key + "_scale_inv"]
+    if method == "merged_16bit":
+        assert torch.equal(out[key], to_bf16(q, s, delta, (128, 128))), key
+        assert key + "_scale_inv" not in out
+    else:
+        q2, s2 = into_fp8(q, s, delta, (128, 128))
+        assert torch.equal(out[key].view(torch.uint8), q2.view(torch.uint8)), key
+        assert torch.equal(out[key + "_scale_inv"], s2), key
+
+
+def test_per_row_and_per_tensor_scales_merge(tmp_path):
+    """compressed-tensors channel scales ``[R, 1]`` and per-tensor scalars ``[]`` dequantize as blocks (1, C) and
+    (R, C): the merged bf16 tensor equals reference.merge.merge_fp8_to_bf16 with that block and ΔW, bit for bit."""
+    from reference.merge import merge_fp8_to_bf16
+
+    base, adapter = build_synthetic(tmp_path, fp8=True, **SMALL)
+    k_row, k_tensor = K0, K0.replace("gate_proj", "down_proj")  # gate [I=32, H=64], down [H=64, I=32] of expert 0
+    blocks = {k_row: (1, 64), k_tensor: (64, 32)}
+
+    def requant(ts):
+        for key, block in blocks.items():
+            ts[key], s = quantize_fp8_block(ts[key].float(), block)
+            ts[key + "_scale_inv"] = s if key == k_row else s.reshape(())
+
+    _rewrite(_shard_of(base, K0), requant)
+    merge_adapter(base, adapter, tmp_path / "out", method="merged_16bit")
+    src, out = load_tensors(base), load_tensors(tmp_path / "out")
+    deltas = _ref_deltas(load_tensors(adapter), "model.layers.0.mlp.experts")
+    expected_delta = {k_row: deltas["gate_up"][0, : SMALL["I"]], k_tensor: deltas["down"][0]}
+    for key, block in blocks.items():
+        q, s = src[key], src[key + "_scale_inv"]
+        assert s.shape == ((32, 1) if key == k_row else ())
+        grid = s.reshape(1, 1) if s.ndim == 0 else s  # the reference takes a scalar only without an explicit block
+        assert torch.equal(out[key], merge_fp8_to_bf16(q, grid, expected_delta[key], block)), key
+
+
+def _ref_deltas(lora: dict, p: str) -> dict[str, torch.Tensor]:
+    """ΔW of one synthetic layer from reference.lora: PEFT 0.21 on fused_linear (swapped), stride-E, s = 2r/r."""
+    from reference.layout import Orientation
+    from reference.lora import LoraFactors
+    from reference.merge import factors_delta
+
+    out = {}
+    for name, infix in (("gate_up", "base_layer."), ("down", "")):
+        a, b = (lora[f"base_model.model.{p}.{infix}lora_{x}.weight"] for x in "AB")
+        out[name] = factors_delta(LoraFactors(a, b, 2.0, Orientation.SWAPPED), SMALL["E"], torch.float32)
+    return out
