@@ -19,10 +19,14 @@ checkpoint's fused view); square ties are resolved by the adapter dir's ``moe_co
 ``peft_version`` in adapter_config.json, else refused. Per-expert deltas from `reference.lora` (``stride_e`` unless the
 sidecar says ``contiguous_r``). Every adapter tensor must be applied and every planned delta counted, else MergeError.
 
-Sidecar ``moe_compat.json`` (optional; other fields are ignored)::
+Sidecar ``moe_compat.json`` (optional; other fields are ignored), either impl.peft_integration's format 1::
 
-    {"orientation": "swapped" | {"gate_up_proj": "standard", "down_proj": "swapped", "<module>.<param>": ...},
-     "lora_B_convention": "stride_e" | "contiguous_r"}
+    {"format": 1, "lora_B_convention": "stride_e",
+     "adapters": {"default": {"<module path>:<param>": {"orientation": "swapped", ...}, ...}}, ...}
+
+or the short form ``{"orientation": "swapped" | {"gate_up_proj": ..., "<module>.<param>": ...},
+"lora_B_convention": "stride_e" | "contiguous_r"}``. A recorded orientation is passed to detect_orientation as the
+swap flag, so it must also agree with the shapes when they are unambiguous.
 
 Writing: shard by shard in the base's shard layout, tensor by tensor (`impl.checkpoint.write_shard`), into a temporary
 directory ``.<out>.partial-<pid>-<hex>`` next to ``out_dir`` renamed to ``out_dir`` at the end; on any exception the
@@ -375,9 +379,14 @@ def _detect(adapter, shape, A, B, E, **hints) -> LayoutDecision:
 
 
 def _sidecar_orientation(adapter: Adapter, current_key: str, pname: str) -> Orientation | None:
-    o = (adapter.sidecar or {}).get("orientation")
-    if isinstance(o, dict):
-        o = o.get(current_key, o.get(pname))
+    """The orientation the sidecar records for ``<module>.<param>`` (None: no sidecar or no entry for it)."""
+    side = adapter.sidecar or {}
+    if "adapters" in side:
+        o = _sidecar_targets(adapter).get(current_key)
+    else:
+        o = side.get("orientation")
+        if isinstance(o, dict):
+            o = o.get(current_key, o.get(pname))
     if o is None:
         return None
     try:
@@ -387,6 +396,28 @@ def _sidecar_orientation(adapter: Adapter, current_key: str, pname: str) -> Orie
     if value is Orientation.UNKNOWN:
         raise AdapterError(f"{adapter.root / SIDECAR}: orientation 'unknown' for {current_key} cannot be merged")
     return value
+
+
+def _sidecar_targets(adapter: Adapter) -> dict[str, str]:
+    """impl.peft_integration's sidecar (``format`` 1): ``adapters[name]["<module path>:<param>"]["orientation"]``.
+
+    The saved adapter is PEFT's "default" (or the only one); module paths lose a leading ``base_model.model.`` and
+    trailing ``.base_layer`` infixes, giving ``<module>.<param>`` as in PEFT's rank_pattern keys."""
+    side = adapter.sidecar
+    if side.get("format") != 1:
+        raise AdapterError(f"{adapter.root / SIDECAR}: unknown sidecar format {side.get('format')!r} (expected 1)")
+    adapters = side["adapters"]
+    name = "default" if "default" in adapters else (next(iter(adapters)) if len(adapters) == 1 else None)
+    if name is None:
+        raise AdapterError(f"{adapter.root / SIDECAR}: several adapters {sorted(adapters)} and none is 'default'")
+    out = {}
+    for target, info in adapters[name].items():
+        path, _, param = target.rpartition(":")
+        path = path.removeprefix("base_model.model.")
+        while path.endswith(".base_layer"):
+            path = path.removesuffix(".base_layer")
+        out[f"{path}.{param}"] = info["orientation"]
+    return out
 
 
 def _expert_refs(lora: ExpertLora) -> list[tuple[str, DeltaRef]]:

@@ -38,7 +38,7 @@ from impl import zoo  # noqa: E402
 from impl.checkpoint import PER_EXPERT_RE, open_checkpoint  # noqa: E402
 from impl.merge import FP8_METHOD, MERGED_16BIT, AdapterError, merge_adapter  # noqa: E402
 from reference.fp8 import dequantize_fp8, quantize_fp8_block  # noqa: E402
-from reference.layout import Orientation, peft_swaps  # noqa: E402
+from reference.layout import peft_swaps  # noqa: E402
 from reference.lora import CONTIGUOUS_R, STRIDE_E, convert_adapter  # noqa: E402
 
 pytestmark = pytest.mark.upstream
@@ -81,6 +81,27 @@ def make_adapter(model, path: Path, seed: int = 1, std: float = 0.15, r: int = 2
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     pm.save_pretrained(path)
     return pm.eval()
+
+
+def sidecar_format_1(peft_model) -> dict:
+    """The ``moe_compat.json`` impl.peft_integration writes (format 1): per ``<PEFT module path>:<param>`` the live
+    wrapper's orientation (its ``_did_swap_in_out_features``)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    targets = {
+        f"{name}:{w.parameter_name}": {
+            "orientation": "swapped" if getattr(w, "_did_swap_in_out_features", False) else "standard"
+        }
+        for name, w in peft_model.named_modules()
+        if isinstance(w, ParamWrapper)
+    }
+    assert targets, "no ParamWrapper in the PEFT model"
+    return {
+        "format": 1,
+        "lora_B_convention": STRIDE_E,
+        "peft_version": peft.__version__,
+        "adapters": {"default": targets},
+    }
 
 
 def _load(path: Path):
@@ -261,8 +282,8 @@ def test_square_experts_resolved_by_peft_version_or_refused(tmp_path, family, va
     """2I == H / I == H: both orientations fit. adapter_config's peft_version decides through PEFT's per-version rule
     (reference.layout.peft_swaps) when the rule does not depend on ``is_transposed``; for GPT-OSS it does from PEFT
     0.19 on (True in transformers 5.x, absent in 4.57: not knowable from the checkpoint), so the merge refuses.
-    Without peft_version the merge refuses; the sidecar (per-param orientation from the live wrappers' swap flag)
-    always resolves it."""
+    Without peft_version the merge refuses; the sidecar (impl.peft_integration format 1: per-param orientation from
+    the live wrappers' swap flag) always resolves it."""
     model = save_base(tmp_path / "base", family, variant)
     if zoo.describe(model)["layout"] == "module_list":
         pytest.skip("4.57 experts are per-expert Linear: no 3-D orientation question")
@@ -283,13 +304,7 @@ def test_square_experts_resolved_by_peft_version_or_refused(tmp_path, family, va
         merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
 
-    outer = live.base_model.model.model.layers[0].mlp.experts  # down_proj wrapper; .base_layer wraps gate_up_proj
-    flags = {"down_proj": outer, "gate_up_proj": outer.base_layer}
-    sidecar = {
-        name: (Orientation.SWAPPED if getattr(w, "_did_swap_in_out_features", False) else Orientation.STANDARD).value
-        for name, w in flags.items()
-    }
-    (tmp_path / "ad" / "moe_compat.json").write_text(json.dumps({"orientation": sidecar}))
+    (tmp_path / "ad" / "moe_compat.json").write_text(json.dumps(sidecar_format_1(live)))
     merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out3")
     assert rel_err(logits(live), logits(_load(tmp_path / "out3"))) <= 1e-5
 

@@ -165,6 +165,20 @@ def test_factors_fit_no_expert_param(tmp_path, small):
     _run_failing(tmp_path, base, adapter, AdapterError, r"fit no expert param of model.layers.1.mlp.experts")
 
 
+def test_sidecar_contradicting_the_shapes_refused(tmp_path, small):
+    """The synthetic down adapter is swapped (lora_A [r·E, I] on down [E, H, I], H != I); a sidecar saying
+    "standard" for it is an error, not a hint to follow (it only decides square params)."""
+    base, adapter = small
+    (adapter / "moe_compat.json").write_text(json.dumps({"orientation": {"down_proj": "standard"}}))
+    _run_failing(tmp_path, base, adapter, AdapterError, r"shapes say swapped but did_swap says standard")
+
+
+def test_sidecar_with_unknown_format_refused(tmp_path, small):
+    base, adapter = small
+    (adapter / "moe_compat.json").write_text(json.dumps({"format": 7, "adapters": {}}))
+    _run_failing(tmp_path, base, adapter, AdapterError, r"unknown sidecar format 7")
+
+
 def test_bnb_serialized_base_refused(tmp_path, small):
     base, adapter = small
     _rewrite(_shard_of(base, K0), lambda ts: ts.update({K0 + ".absmax": torch.ones(4)}))
