@@ -29,7 +29,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -44,6 +44,7 @@ from reference.lora import CONTIGUOUS_R, STRIDE_E, convert_adapter  # noqa: E402
 pytestmark = pytest.mark.upstream
 
 _V5 = int(transformers.__version__.split(".")[0]) >= 5
+EXPERT_PARAMS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 TOKENS = torch.arange(3, 3 + 2 * 9).reshape(2, 9) % zoo.VOCAB
 FP8_SQNR_DB = 20.0
 
@@ -307,6 +308,39 @@ def test_square_experts_resolved_by_peft_version_or_refused(tmp_path, family, va
     (tmp_path / "ad" / "moe_compat.json").write_text(json.dumps(sidecar_format_1(live)))
     merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out3")
     assert rel_err(logits(live), logits(_load(tmp_path / "out3"))) <= 1e-5
+
+
+def test_qlora_adapter_from_impl_merges_onto_bf16_base(tmp_path):
+    """QLoRA: experts NF4 in memory only (impl.load_model + NF4Config), adapter saved by impl.save_adapter (its
+    moe_compat.json decides the square 2I == H gate_up); merged onto the bf16 checkpoint on disk.
+
+    Against PEFT on the bf16 base (plain transformers + PeftModel.from_pretrained): the bf16 bound (1e-2).
+    Against the live NF4 model the difference is NF4's rounding of W (4-bit normal-quantile code, absmax per 64:
+    ~20 dB per weight; only the expert share of the residual stream carries it): bound 12 dB, and the merged model
+    must be >= 10 dB closer to the live NF4 model than the unmerged base is."""
+    from impl import NF4Config, load_model, save_adapter
+
+    if (
+        zoo.describe(save_base(tmp_path / "base", "qwen3_moe", "2i_eq_h", dtype=torch.bfloat16))["layout"]
+        == "module_list"
+    ):
+        pytest.skip("target_parameters on experts needs transformers 5.x fused experts")
+    model, _ = load_model(str(tmp_path / "base"), NF4Config(compute_dtype=torch.float32), dtype=torch.float32)
+    live_nf4 = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_parameters=list(EXPERT_PARAMS)))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in live_nf4.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    save_adapter(live_nf4, str(tmp_path / "ad"))
+    assert json.loads((tmp_path / "ad" / "moe_compat.json").read_text())["format"] == 1
+    merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+    merged = logits(_load(tmp_path / "out"))
+    live_bf16 = logits(PeftModel.from_pretrained(_load(tmp_path / "base"), str(tmp_path / "ad")))
+    assert rel_err(live_bf16, merged) <= 1e-2
+    nf4 = logits(live_nf4)
+    assert sqnr_db(nf4, merged) >= 12.0
+    assert sqnr_db(nf4, merged) >= sqnr_db(nf4, logits(_load(tmp_path / "base"))) + 10
 
 
 def test_contiguous_r_sidecar(tmp_path):
