@@ -210,6 +210,11 @@ def test_cli_reports_errors_with_exit_2(tmp_path, small, capsys):
     _edit_config(adapter, use_dora=True)
     assert cli_main([str(base), str(adapter), str(tmp_path / "out"), "--quiet"]) == 2
     assert "AdapterError" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    _edit_config(adapter, use_dora=False)
+    assert cli_main([str(base), str(adapter), str(tmp_path / "out"), "--dtype", "float16"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["expert_deltas"] == 3 * 3 * SMALL["E"]
+    assert "[moe-compat-merge] shard 3/3" in captured.err
 
 
 # --- interrupted writes ----------------------------------------------------------------------------------------
@@ -340,3 +345,44 @@ def _ref_deltas(lora: dict, p: str) -> dict[str, torch.Tensor]:
         a, b = (lora[f"base_model.model.{p}.{infix}lora_{x}.weight"] for x in "AB")
         out[name] = factors_delta(LoraFactors(a, b, 2.0, Orientation.SWAPPED), SMALL["E"], torch.float32)
     return out
+
+
+@pytest.mark.parametrize("method", ["merged_16bit", "fp8"])
+def test_fused_3d_fp8_merge_equals_reference_merge(tmp_path, method):
+    """Fused FP8 experts on disk (``experts.gate_up_proj`` e4m3 [E, H, 2I], gpt_oss layout, with a stacked
+    ``gate_up_proj_scale_inv``; 16×16 blocks, partial at the I = 24 edge): equal to reference.merge on the 3-D tensors."""
+    from reference.layout import Orientation
+    from reference.lora import LoraFactors
+    from reference.merge import factors_delta, merge_fp8_to_bf16, merge_into_fp8
+
+    E, H, I, r, block = 4, 32, 24, 2, (16, 16)
+    gen = torch.Generator().manual_seed(3)
+    p = "model.layers.0.mlp.experts"
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    ts, lora = {}, {}
+    for name, shape, infix in (("gate_up_proj", (E, H, 2 * I), "base_layer."), ("down_proj", (E, I, H), "")):
+        ts[f"{p}.{name}"], ts[f"{p}.{name}_scale_inv"] = quantize_fp8_block(torch.randn(shape, generator=gen), block)
+        # PEFT 0.21 on gpt_oss (is_transposed=True): standard, lora_A [r·E, d1], lora_B [d2, r·E]
+        lora[f"base_model.model.{p}.{infix}lora_A.weight"] = torch.randn(r * E, shape[1], generator=gen) * 0.1
+        lora[f"base_model.model.{p}.{infix}lora_B.weight"] = torch.randn(shape[2], r * E, generator=gen) * 0.1
+    save_file(ts, str(base / "model.safetensors"), metadata={"format": "pt"})
+    qc = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (base / "config.json").write_text(json.dumps({"model_type": "gpt_oss", "quantization_config": qc}))
+    save_file(lora, str(adapter / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "peft_version": "0.21.2", "target_parameters": []}
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    report = merge_adapter(base, adapter, tmp_path / "out", method=method)
+    assert report.expert_deltas == 2 * E
+    out = load_tensors(tmp_path / "out")
+    for name, infix in (("gate_up_proj", "base_layer."), ("down_proj", "")):
+        a, b = (lora[f"base_model.model.{p}.{infix}lora_{x}.weight"] for x in "AB")
+        delta = factors_delta(LoraFactors(a, b, 2.0, Orientation.STANDARD), E, torch.float32)
+        q, s = ts[f"{p}.{name}"], ts[f"{p}.{name}_scale_inv"]
+        if method == "merged_16bit":
+            assert torch.equal(out[f"{p}.{name}"], merge_fp8_to_bf16(q, s, delta, block))
+        else:
+            q2, s2 = merge_into_fp8(q, s, delta, block)
+            assert torch.equal(out[f"{p}.{name}"].view(torch.uint8), q2.view(torch.uint8))
+            assert torch.equal(out[f"{p}.{name}_scale_inv"], s2)
