@@ -18,6 +18,7 @@ packages on a base package is checked against the base version (``EnvError`` nam
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -155,11 +156,21 @@ def ensure_env(name: str, requirements: list[str], *, log: Path | None = None, e
     never leaves a half-made venv that a later run would trust.
     """
     env = CellEnv(name, envs_dir / name)
-    key = requirements_key(requirements)
-    stamp = env.path / ".moe-compat-key"
     if is_current(name, requirements, envs_dir=envs_dir):
         return env
     envs_dir.mkdir(parents=True, exist_ok=True)
+    # Two runs building the same venv at once (a person and a CI job on one box) would share the temporary dir.
+    with (envs_dir / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_current(name, requirements, envs_dir=envs_dir):  # the other run built it meanwhile
+            return env
+        return _build(env, requirements, log=log, envs_dir=envs_dir, timeout=timeout)
+
+
+def _build(env: CellEnv, requirements: list[str], *, log: Path | None, envs_dir: Path, timeout: float) -> CellEnv:
+    name = env.name
+    key = requirements_key(requirements)
+    stamp = env.path / ".moe-compat-key"
     tmp = envs_dir / f".{name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
     _run([str(base_interpreter()), "-m", "venv", str(tmp)], log=log, timeout=timeout)
