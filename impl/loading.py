@@ -23,6 +23,7 @@ from torch import nn
 from impl import compat
 from impl.quant_experts import (
     NF4,
+    WEIGHT_NAMES,
     FP8Config,
     NF4Config,
     QuantConfig,
@@ -38,16 +39,22 @@ ROUTER_SKIP = ("lm_head", "gate", "router", "shared_expert_gate")
 
 @dataclass
 class QuantReport:
-    """What `quantize_experts` did: module paths swapped, expert bytes before / after (real storage bytes)."""
+    """What `quantize_experts` did: module paths swapped and real storage bytes before / after.
+
+    ``bytes_*``: whole experts modules (GPT-OSS biases stay in the compute dtype); ``weight_bytes_*``: the 3-D
+    expert weights only (what quantization applies to). ``ratio`` is the weight ratio.
+    """
 
     kind: str
     modules: list[str] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
 
     @property
     def ratio(self) -> float:
-        return self.bytes_before / max(self.bytes_after, 1)
+        return self.weight_bytes_before / max(self.weight_bytes_after, 1)
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -76,11 +83,13 @@ def quantize_experts(model: nn.Module, cfg: QuantConfig, *, backend: str = "auto
     report = QuantReport(cfg.kind)
     for path, m in targets:
         report.bytes_before += storage_bytes(m)
+        report.weight_bytes_before += sum(getattr(m, n).numel() * getattr(m, n).element_size() for n in WEIGHT_NAMES)
         q = QuantizedExperts(m, cfg, backend=backend)
         parent, child = _parent(model, path)
         setattr(parent, child, q)
         report.modules.append(path)
         report.bytes_after += storage_bytes(q)
+        report.weight_bytes_after += sum(q.storage(n).nbytes() for n in WEIGHT_NAMES)
     return report
 
 
@@ -132,7 +141,7 @@ def load_model(source, cfg: QuantConfig, *, backend: str = "auto", dtype: torch.
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, quantization_config=bnb_config_for(config, cfg), **kwargs
         )
-        return model, QuantReport(NF4, [], 0, 0)
+        return model, QuantReport(NF4)
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     return model, quantize_experts(model, cfg, backend=backend)
 

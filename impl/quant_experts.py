@@ -310,14 +310,16 @@ class QuantizedExperts(nn.Module):
             if hasattr(original, name):
                 setattr(self, name, getattr(original, name))
         self.original_class = type(original)
-        self.is_transposed = bool(getattr(original, "is_transposed", False))
+        self.is_transposed = is_transposed_layout(original)
         self.has_gate = bool(getattr(original, "has_gate", True))
         self.quant_config = cfg
         self.compute_dtype = cfg.compute_dtype
         self.backend = backend
         self._lora: dict[str, list] = {n: [] for n in WEIGHT_NAMES}
-        gate = getattr(type(original), "_apply_gate", None)
-        self._gate_fn = gate if gate is not None else _default_apply_gate
+        gate = getattr(type(original), "_apply_gate", None)  # 5.x: the class's own, or the decorator's default
+        if gate is None:  # 4.57 GPT-OSS inlines its clamped SwiGLU in forward
+            gate = _gpt_oss_gate if self.is_transposed else _default_apply_gate
+        self._gate_fn = gate
         device = original.gate_up_proj.device
         for name in WEIGHT_NAMES:
             p = getattr(original, name)
@@ -363,11 +365,17 @@ class QuantizedExperts(nn.Module):
             self._parameters[n] = _carrier(carriers[n].shape, self.compute_dtype, probe.device)
         return self
 
-    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
+    def forward(
+        self, hidden_states, top_k_index=None, top_k_weights=None, *, router_indices=None, routing_weights=None
+    ):
+        """5.x: ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``; GPT-OSS passes ``router_indices`` /
+        ``routing_weights`` (4.57: dense ``[T, E]`` weights and ``hidden [B, S, H]``). Output has the input's shape."""
         from impl.forward import experts_forward
 
-        if kwargs:
-            raise TypeError(f"QuantizedExperts.forward got unexpected keyword arguments {sorted(kwargs)}")
+        if router_indices is not None or routing_weights is not None:
+            if top_k_index is not None or top_k_weights is not None:
+                raise TypeError("pass either top_k_index/top_k_weights or router_indices/routing_weights, not both")
+            top_k_index, top_k_weights = router_indices, routing_weights
         return experts_forward(self, hidden_states, top_k_index, top_k_weights, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -381,6 +389,48 @@ def _default_apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
     """transformers' default gate for concatenated experts: ``act(gate) * up`` with gate = first half."""
     gate, up = gate_up.chunk(2, dim=-1)
     return self.act_fn(gate) * up
+
+
+def _gpt_oss_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS interleaved clamped SwiGLU (`reference.experts.gpt_oss_glu`) with the module's alpha / limit."""
+    from reference.experts import gpt_oss_glu
+
+    return gpt_oss_glu(gate_up, float(self.alpha), float(self.limit))
+
+
+def _compat_layout(original: nn.Module) -> str | None:
+    """Expert layout of ``original``'s class per `impl.compat` (None when the class is not a known experts class)."""
+    import transformers
+
+    from impl import compat
+
+    v = transformers.__version__
+    for fam in compat.FAMILIES:
+        if compat.family_available(fam, v) and compat.experts_class_name(fam, v) == type(original).__name__:
+            return compat.expert_layout(fam, v)
+    return None
+
+
+def is_transposed_layout(original: nn.Module) -> bool:
+    """Whether ``original``'s 3-D weights are ``(E, in, out)`` (GPT-OSS) rather than ``(E, out, in)``.
+
+    transformers 5.x sets ``is_transposed`` on decorated classes; 4.57 GPT-OSS has no attribute, so the layout
+    comes from `impl.compat`. Both present and disagreeing, or neither available, raises.
+    """
+    attr = getattr(original, "is_transposed", None)
+    layout = _compat_layout(original)
+    if attr is not None:
+        if layout is not None and (layout == "gpt_oss") != bool(attr):
+            raise QuantizedExpertsError(
+                f"{type(original).__name__}.is_transposed={attr} contradicts impl.compat's layout {layout!r}"
+            )
+        return bool(attr)
+    if layout is None:
+        raise QuantizedExpertsError(
+            f"{type(original).__name__} has no is_transposed attribute and is not a known experts class: cannot tell "
+            "(E, out, in) from (E, in, out)"
+        )
+    return layout == "gpt_oss"
 
 
 def _drop_carriers(module, state_dict, prefix, local_metadata):

@@ -89,7 +89,7 @@ def _module_list_nf4(tmp_path):
 def _dequant(lin) -> torch.Tensor:
     """Reference dequantization (reference.nf4) of a bnb Linear4bit weight, fp32 [out, in]."""
     qs = lin.weight.quant_state
-    assert not qs.nested
+    assert not qs.nested and not getattr(qs, "packing_format_for_cpu", False), "repacked for the CPU kernel"
     state = ref_nf4.NF4State(absmax=qs.absmax.float(), blocksize=qs.blocksize, shape=qs.shape, dtype=qs.dtype)
     return ref_nf4.dequantize_nf4(lin.weight.data.reshape(-1), state, torch.float32)
 
@@ -120,12 +120,14 @@ def test_module_list_nf4_block_matches_reference(tmp_path):
     _, model = _module_list_nf4(tmp_path)
     d = zoo.describe(model)
     layer = d["layers"][0]
-    x = torch.randn(1, 12, d["H"], generator=torch.Generator().manual_seed(4)).to(BF16)
-    out, logits = layer.block(x)
-    w, idx = ref_routing.softmax_topk(logits.to(torch.float64), d["k"], **{"renormalize": d["router"]["renormalize"]})
+    # dequantize BEFORE any forward: bitsandbytes >= 0.49 repacks Linear4bit data in place for its CPU kernel on the
+    # first CPU forward (quant_state.packing_format_for_cpu), after which the packed bytes are no longer the nf4 format.
     gate = [_dequant(e.gate_proj) for e in layer.experts]
     up = [_dequant(e.up_proj) for e in layer.experts]
     down = [_dequant(e.down_proj) for e in layer.experts]
+    x = torch.randn(1, 12, d["H"], generator=torch.Generator().manual_seed(4)).to(BF16)
+    out, logits = layer.block(x)
+    w, idx = ref_routing.softmax_topk(logits.to(torch.float64), d["k"], renormalize=d["router"]["renormalize"])
     ref = ref_experts.module_list_experts(
         x.reshape(-1, d["H"]).to(torch.float64), idx, w, gate, up, down, act=d["act"], compute_dtype=torch.float64
     )
