@@ -8,6 +8,7 @@ With PEFT LoRA (``target_parameters`` on both 3-D weights, lora_B randomised so 
 reference takes the factors in the orientation `reference.layout.peft_swaps(peft.__version__, 3, is_transposed)`
 predicts, independently of the live wrapper flag impl reads. Gradients: LoRA factor grads and dX match the reference's
 autograd; every expert that received tokens has nonzero LoRA grads and the expert that got none has exactly zero.
+GPU (marked gpu): the same quantized model with LoRA moved to CUDA gives the CPU logits and LoRA grads (bf16 bound).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.upstream
 BF16 = torch.bfloat16
 FUSED_FAMILIES = [f for f in zoo.families() if zoo.compat.expert_layout(f, zoo.installed_version()) != "module_list"]
 R, ALPHA = 2, 4
+GPU_IDS = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 def _quantized(family, kind, dtype=BF16, variant="2i_ne_h"):
@@ -239,3 +241,38 @@ def test_backend_registry_refusals():
     finally:
         BACKENDS.pop("test_nolora")
         BACKENDS.pop("test_nobwd")
+
+
+# --- GPU (marked gpu: run on the H200 with `pytest -m gpu`) ---------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_matches_cpu_with_lora(kind):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (run on the H200: pytest -m gpu)")
+    if kind == "nf4":
+        pytest.importorskip("bitsandbytes")
+    family = FUSED_FAMILIES[0]
+    m = tiny(family, "fp8", dtype=BF16)
+    quantize_experts(m, quant_config(kind, BF16, "fp8"))
+    pm = peft.get_peft_model(
+        m, peft.LoraConfig(r=4, lora_alpha=8, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    )
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    cpu = pm(GPU_IDS, labels=GPU_IDS)
+    cpu.loss.backward()
+    cpu_grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    pm.zero_grad()
+    pm.to("cuda")
+    q = next(mm for mm in pm.modules() if isinstance(mm, QuantizedExperts))
+    assert q.gate_up_proj.device.type == "cuda" and q.storage("gate_up_proj").device.type == "cuda"
+    gpu = pm(GPU_IDS.cuda(), labels=GPU_IDS.cuda())
+    gpu.loss.backward()
+    assert rel_err(gpu.logits.cpu(), cpu.logits) <= REL_TOL[BF16]
+    for n, p in pm.named_parameters():
+        if n in cpu_grads and "lora_" in n:
+            assert rel_err(p.grad.cpu(), cpu_grads[n]) <= 4 * REL_TOL[BF16], n
