@@ -69,3 +69,9 @@ def report(session: nox.Session) -> None:
     if not session.posargs:
         session.error("usage: nox -s report -- DIR_OR_CELL_JSON... [--out DIR] [--baseline summary.json]")
     session.run(sys.executable, "-m", "harness.cli", "merge", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """GPU benchmark of the MoE expert kernels (CUDA only): writes reports/bench/<gpu>-<date>.json and .md."""
+    session.run(sys.executable, str(ROOT / "bench" / "bench_moe.py"), *session.posargs, external=True)
