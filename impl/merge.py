@@ -83,6 +83,8 @@ COPY_PATTERNS = (
 )  # fmt: skip
 EXPERT_PARAMS = {"gate_up_proj": "gate_up", "down_proj": "down"}
 _ADAPTER_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_MERGEABLE_QUANT = (None, "fp8", "compressed-tensors", "fbgemm_fp8")
+_PACKED_SUFFIXES = ("_blocks", ".weight_packed", ".qweight")  # mxfp4, compressed-tensors int packing, GPTQ/AWQ
 _BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
 
@@ -650,7 +652,7 @@ def merge_adapter(
         raise MergeError(f"unknown method {method!r}; expected one of {METHODS}")
     _check_paths(base, adapter_root, out, overwrite)
     ckpt = open_checkpoint(base)
-    _refuse_bnb(ckpt)
+    _refuse_unsupported_quant(ckpt)
     adapter = load_adapter(adapter_root)
     plan = plan_merge(ckpt, adapter)
     merger = _Merger(ckpt, plan, method, dtype)
@@ -690,12 +692,19 @@ def _check_paths(base: Path, adapter: Path, out: Path, overwrite: bool) -> None:
         raise MergeError(f"output dir {out} exists; pass overwrite=True (--overwrite) to replace it")
 
 
-def _refuse_bnb(ckpt: Checkpoint) -> None:
+def _refuse_unsupported_quant(ckpt: Checkpoint) -> None:
+    """Only 16-bit and FP8 (finegrained ``fp8`` / compressed-tensors float / fbgemm) checkpoints are merged."""
     bnb = [k for k in ckpt.tensors if k.endswith(_BNB_SUFFIXES)]
     if ckpt.quant_method == "bitsandbytes" or bnb:
         raise MergeError(
             f"{ckpt.root}: a bitsandbytes-serialized checkpoint ({bnb[:2] or ckpt.quant_method}); NF4 is an in-memory "
             "format for QLoRA: merge onto the 16-bit base checkpoint the NF4 model was loaded from"
+        )
+    packed = [k for k in ckpt.tensors if k.endswith(_PACKED_SUFFIXES)]
+    if ckpt.quant_method not in _MERGEABLE_QUANT or packed:
+        raise MergeError(
+            f"{ckpt.root}: quant_method {ckpt.quant_method!r} / packed tensors {packed[:2]} are not supported; "
+            f"mergeable: 16-bit or FP8 e4m3 ({sorted(m for m in _MERGEABLE_QUANT if m)})"
         )
 
 

@@ -188,6 +188,13 @@ def test_bnb_serialized_base_refused(tmp_path, small):
     _run_failing(tmp_path, base, adapter, MergeError, r"bitsandbytes-serialized .* merge onto the 16-bit base")
 
 
+def test_mxfp4_base_refused(tmp_path, small):
+    base, adapter = small
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    _run_failing(tmp_path, base, adapter, MergeError, r"quant_method 'mxfp4' .* not supported")
+
+
 def test_fp8_method_needs_fp8_base(tmp_path, small):
     base, adapter = small
     _run_failing(tmp_path, base, adapter, MergeError, r"method 'fp8' needs an FP8 base", method="fp8")
