@@ -574,8 +574,10 @@ class _Merger:
 
     @staticmethod
     def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
+        if torch.isfinite(t.sum(dtype=torch.float64)):  # one reduction, no bool copy; NaN/inf propagate into it
+            return t
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
             raise MergeError(
                 f"merged tensor {key!r} {list(t.shape)} has {bad} non-finite values (adapter or base has inf/NaN)"
             )
