@@ -285,6 +285,23 @@ def find_expert_groups(ckpt: Checkpoint) -> dict[str, ExpertGroup]:
     return groups
 
 
+def check_against_config(ckpt: Checkpoint, groups: dict[str, ExpertGroup]) -> None:
+    """Expert dims must match config.json: ``hidden_size`` = H and ``moe_intermediate_size`` (else
+    ``intermediate_size``) = I, where the config has them; otherwise CheckpointError naming the key and shapes."""
+    cfg = ckpt.config.get("text_config") or ckpt.config
+    want_h = cfg.get("hidden_size")
+    want_i = cfg.get("moe_intermediate_size", cfg.get("intermediate_size"))
+    for g in groups.values():
+        E, a, b = g.param_shapes["down"]
+        H, I = (a, b) if g.layout == FUSED_LINEAR else (b, a)  # down [E, H, I] or gpt_oss [E, I, H]
+        for name, got, want in (("hidden_size", H, want_h), ("moe_intermediate_size/intermediate_size", I, want_i)):
+            if want is not None and got != want:
+                key = g.keys["down"][0] if g.scheme == "per_expert" else g.keys["down"]
+                raise CheckpointError(
+                    f"{key}: expert down shape {[a, b]} ({g.layout}) gives {name} = {got}, config.json says {want}"
+                )
+
+
 def _per_expert_group(ckpt: Checkpoint, prefix: str, roles: dict[str, dict[int, str]]) -> ExpertGroup:
     if set(roles) != {"gate", "up", "down"}:
         raise CheckpointError(f"{ckpt.root}: experts {prefix!r} have roles {sorted(roles)}, need gate, up and down")

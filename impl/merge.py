@@ -58,6 +58,7 @@ from impl.checkpoint import (
     FP8Entry,
     OutSpec,
     TensorReader,
+    check_against_config,
     discover_fp8,
     expand_scale_rows,
     find_expert_groups,
@@ -279,20 +280,18 @@ class MergePlan:
     expert_loras: list[ExpertLora]
     linear_loras: list[LinearLora]
 
-    @property
-    def planned(self) -> int:
-        return sum(len(v) for v in self.targets.values())
-
 
 def plan_merge(ckpt: Checkpoint, adapter: Adapter) -> MergePlan:
     """Map every adapter module to base-checkpoint tensors (header shapes only); raises on anything unmatched."""
-    groups = {g.module_path: g for g in find_expert_groups(ckpt).values()}
+    found = find_expert_groups(ckpt)
+    check_against_config(ckpt, found)
+    groups = {g.module_path: g for g in found.values()}
     groups.update({g.prefix: g for g in groups.values()})
     targets: dict[str, list[DeltaRef]] = {}
     experts, linears = [], []
     for module, levels in sorted(adapter.modules.items()):
         if module in groups:
-            for lora in _expert_loras(ckpt, adapter, groups[module], module, levels):
+            for lora in _expert_loras(adapter, groups[module], module, levels):
                 experts.append(lora)
                 for key, ref in _expert_refs(lora):
                     targets.setdefault(key, []).append(ref)
@@ -312,7 +311,7 @@ def plan_merge(ckpt: Checkpoint, adapter: Adapter) -> MergePlan:
     return MergePlan(targets, experts, linears)
 
 
-def _expert_loras(ckpt, adapter, group, module, levels) -> list[ExpertLora]:
+def _expert_loras(adapter: Adapter, group: ExpertGroup, module: str, levels: dict) -> list[ExpertLora]:
     """Assign each wrapper level to gate_up or down by shape (their dims {2I, H} and {H, I} always differ)."""
     out, taken = [], {}
     for _depth, (ka, kb) in sorted(levels.items()):

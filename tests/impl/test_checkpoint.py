@@ -124,6 +124,18 @@ def test_expert_groups_per_expert_legacy_and_fused(tmp_path):
     assert groups["model.layers.2.mlp.experts"].layout == FUSED_LINEAR
 
 
+def test_expert_shapes_checked_against_config(tmp_path):
+    from impl.checkpoint import check_against_config
+
+    ts = _experts(torch.Generator().manual_seed(0))
+    ckpt = open_checkpoint(_write(tmp_path, {"m.safetensors": ts}, {"hidden_size": H, "moe_intermediate_size": 128}))
+    with pytest.raises(
+        CheckpointError,
+        match=r"down shape \[256, 192\] .* moe_intermediate_size/intermediate_size = 192, config.json says 128",
+    ):
+        check_against_config(ckpt, find_expert_groups(ckpt))
+
+
 def test_missing_expert_index_raises(tmp_path):
     ts = _experts(torch.Generator().manual_seed(0))
     del ts["model.layers.0.mlp.experts.0.up_proj.weight"]
