@@ -42,7 +42,7 @@ from impl.quant_experts import (
     QuantizedExperts,
     QuantizedExpertsError,
 )
-from reference.layout import LayoutError, Orientation, detect_orientation
+from reference.layout import LayoutError, Orientation, detect_orientation, peft_swaps
 from reference.lora import STRIDE_E, delta_weight
 
 SIDECAR = "moe_compat.json"
@@ -292,8 +292,74 @@ def check_sidecar(model, saved: dict, adapter_name: str = "default", saved_adapt
                 )
 
 
-def load_adapter(model, adapter_dir: str, adapter_name: str = "default", **kwargs):
-    """``PeftModel.from_pretrained(model, adapter_dir, ...)`` checked against ``moe_compat.json`` (required)."""
+def expected_orientation(entry: dict) -> Orientation:
+    """The orientation this process's PEFT gives a target described by a sidecar entry (`peft_swaps` rule)."""
+    swapped = peft_swaps(_peft_version(), len(entry["param_shape"]), entry["is_transposed"])
+    return Orientation.SWAPPED if swapped else Orientation.STANDARD
+
+
+def _state_key(target: str, which: str) -> str:
+    """Sidecar target ``<module path>:<param>`` -> PEFT's saved key (adapter name stripped)."""
+    path = target.rsplit(":", 1)[0]
+    return f"{path}.{which}.weight"
+
+
+def convert_adapter_dir(adapter_dir: str, saved: dict, out_dir: str, saved_adapter: str = "default") -> dict:
+    """Write to ``out_dir`` a copy of ``adapter_dir`` whose factors are re-expressed in this PEFT's orientation.
+
+    Each target whose sidecar orientation differs from `expected_orientation` is converted exactly (a transpose of the
+    per-expert factors, `reference.lora.convert_adapter`, stride-E kept). The file's tensor shapes must equal the
+    sidecar's, else LayoutError (the sidecar does not describe the file). Returns the updated sidecar.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from reference.lora import convert_adapter
+
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{weights} missing (only safetensors adapters can be converted)")
+    sd = load_file(weights)
+    new = json.loads(json.dumps(saved))
+    for target, entry in saved["adapters"][saved_adapter].items():
+        kA, kB = _state_key(target, "lora_A"), _state_key(target, "lora_B")
+        if kA not in sd or kB not in sd:
+            raise LayoutError(f"{target}: keys {kA} / {kB} not in {weights}")
+        A, B = sd[kA], sd[kB]
+        if [list(A.shape), list(B.shape)] != [entry["lora_A_shape"], entry["lora_B_shape"]]:
+            raise LayoutError(
+                f"{target}: the sidecar says lora_A {entry['lora_A_shape']}, lora_B {entry['lora_B_shape']} "
+                f"({entry['orientation']}) but the file holds {list(A.shape)}, {list(B.shape)}: the sidecar does not "
+                "describe this adapter, which would be applied transposed"
+            )
+        want = expected_orientation(entry)
+        if Orientation(entry["orientation"]) is not want:
+            sd[kA], sd[kB] = convert_adapter(A, B, entry["num_experts"], src_orientation=entry["orientation"],
+                                             dst_orientation=want, src_convention=saved["lora_B_convention"],
+                                             dst_convention=STRIDE_E)  # fmt: skip
+            upd = new["adapters"][saved_adapter][target]
+            upd.update(orientation=want.value, lora_A_shape=list(sd[kA].shape), lora_B_shape=list(sd[kB].shape))
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(adapter_dir):
+        src = os.path.join(adapter_dir, name)
+        if os.path.isfile(src) and name not in ("adapter_model.safetensors", SIDECAR):
+            shutil.copy(src, out_dir)
+    save_file(sd, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, SIDECAR), "w") as f:
+        json.dump(new, f, indent=2, sort_keys=True)
+    return new
+
+
+def load_adapter(model, adapter_dir: str, adapter_name: str = "default", *, convert: bool = True, **kwargs):
+    """``PeftModel.from_pretrained(model, adapter_dir, ...)`` checked against ``moe_compat.json`` (required).
+
+    An adapter saved by a PEFT version with the other orientation (0.18 vs 0.19.1+, or 0.19.0 on GPT-OSS) is converted
+    exactly first (``convert=True``; ``False`` raises LayoutError instead). PEFT alone would raise a size mismatch for
+    non-square experts and silently apply a transposed delta for square ones.
+    """
+    import tempfile
+
     from peft import PeftModel
 
     path = os.path.join(adapter_dir, SIDECAR)
@@ -302,6 +368,22 @@ def load_adapter(model, adapter_dir: str, adapter_name: str = "default", **kwarg
     with open(path) as f:
         saved = json.load(f)
     install()
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, **kwargs)
+    entries = saved["adapters"].get("default", {})
+    for target, e in entries.items():
+        d = detect_orientation(e["param_shape"], e["lora_A_shape"], e["lora_B_shape"], e["num_experts"],
+                               refuse_ambiguous=False)  # fmt: skip
+        if not d.ambiguous and d.orientation.value != e["orientation"]:
+            raise LayoutError(f"{target}: sidecar orientation {e['orientation']!r} contradicts its shapes ({d.reason})")
+    stale = [t for t, e in entries.items() if Orientation(e["orientation"]) is not expected_orientation(e)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if stale:
+            if not convert:
+                raise LayoutError(
+                    f"adapter saved with PEFT {saved['peft_version']} in another orientation than PEFT "
+                    f"{_peft_version()} uses for {stale}; load with convert=True"
+                )
+            saved = convert_adapter_dir(adapter_dir, saved, tmp)
+            adapter_dir = tmp
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, **kwargs)
     check_sidecar(peft_model, saved, adapter_name)
     return peft_model

@@ -138,13 +138,50 @@ def test_save_reload_with_sidecar(kind, tmp_path):
         return
     reloaded = load_adapter(_base(kind), str(tmp_path))
     assert torch.equal(reloaded(IDS).logits, live)
-    # a sidecar claiming the other orientation must be refused (it would mean a transposed adapter)
+    # a sidecar claiming the other orientation for non-square shapes must be refused (it does not describe the file)
     key = next(iter(on_disk["adapters"]["default"]))
     o = on_disk["adapters"]["default"][key]["orientation"]
     on_disk["adapters"]["default"][key]["orientation"] = "swapped" if o == "standard" else "standard"
     (tmp_path / SIDECAR).write_text(json.dumps(on_disk))
-    with pytest.raises(LayoutError, match="transposed"):
+    with pytest.raises(LayoutError, match="contradicts its shapes"):
         load_adapter(_base(kind), str(tmp_path))
+
+
+def _as_other_peft_version(src, dst):
+    """Rewrite a saved adapter as the other orientation's PEFT would have saved it (0.18 <-> 0.19.1+: the same
+    per-expert ΔW with the factors' roles exchanged, peft.md Addendum), sidecar included."""
+    from safetensors.torch import load_file, save_file
+
+    from reference.lora import convert_adapter
+
+    info = json.loads((src / SIDECAR).read_text())
+    sd = load_file(str(src / "adapter_model.safetensors"))
+    for target, e in info["adapters"]["default"].items():
+        path = target.rsplit(":", 1)[0]
+        kA, kB = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+        other = "swapped" if e["orientation"] == "standard" else "standard"
+        sd[kA], sd[kB] = convert_adapter(
+            sd[kA], sd[kB], e["num_experts"], src_orientation=e["orientation"], dst_orientation=other
+        )
+        e.update(orientation=other, lora_A_shape=list(sd[kA].shape), lora_B_shape=list(sd[kB].shape))
+    dst.mkdir()
+    save_file(sd, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    (dst / SIDECAR).write_text(json.dumps(info))
+
+
+@pytest.mark.skipif(RELOAD_BROKEN, reason="PEFT 0.19.x cannot reload Qwen3-MoE adapters on transformers >= 5.6")
+def test_reload_adapter_from_other_orientation_converts_exactly(tmp_path):
+    """An adapter in the other PEFT orientation (non-square experts: PEFT alone raises a size mismatch) is converted
+    exactly on load: same logits bit for bit; with convert=False it is refused."""
+    pm = _peft("nf4")
+    live = pm(IDS).logits
+    save_adapter(pm, str(tmp_path / "a"))
+    _as_other_peft_version(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(LayoutError, match="another orientation"):
+        load_adapter(_base("nf4"), str(tmp_path / "b"), convert=False)
+    reloaded = load_adapter(_base("nf4"), str(tmp_path / "b"))
+    assert torch.equal(reloaded(IDS).logits, live)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp8"])
@@ -195,3 +232,15 @@ def test_sidecar_required(tmp_path):
     assert not os.path.exists(tmp_path / SIDECAR)
     with pytest.raises(FileNotFoundError, match=SIDECAR):
         load_adapter(_base("nf4"), str(tmp_path))
+
+
+def test_repeated_forward_is_stable_and_leaves_no_parametrization():
+    """PEFT 0.21's parametrization leak (outputs drift on every call when the 3-D param is already parametrized,
+    peft.md §1.4) cannot happen: impl never registers a parametrization on the experts."""
+    pm = _peft("nf4")
+    first = pm(IDS).logits
+    for _ in range(2):
+        assert torch.equal(pm(IDS).logits, first)
+    for m in pm.modules():
+        if isinstance(m, QuantizedExperts):
+            assert not torch.nn.utils.parametrize.is_parametrized(m)
