@@ -198,3 +198,93 @@ def test_layout_foreign(moe_check, case, trained):
     assert outcomes["other_orientation_declared"] == "converted", outcomes
     assert outcomes["contiguous_r_declared"] == "converted", outcomes
     assert outcomes["other_orientation_undeclared"] == want_undeclared, (outcomes, want_undeclared)
+
+
+# --- the live path: NF4 experts, impl.peft_integration.save_adapter / load_adapter ---------------------------------
+
+
+def _nf4_model(family: str, case: str):
+    from impl import loading
+
+    model = _build(family, case).to(helpers.DTYPE)
+    loading.quantize_experts(model, helpers.quant_config("nf4"))
+    return model
+
+
+def _write_other_orientation(src_dir, dst_dir, E: int, src: Orientation, other: Orientation) -> None:
+    """The saved adapter with every expert pair converted to ``other`` and the sidecar saying so (honest label)."""
+    import shutil
+
+    shutil.copytree(src_dir, dst_dir)
+    tensors = load_file(str(src_dir / "adapter_model.safetensors"))
+    for ka, kb in _pairs(tensors):
+        tensors[ka], tensors[kb] = convert_adapter(tensors[ka], tensors[kb], E, src_orientation=src,
+                                                   dst_orientation=other)  # fmt: skip
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst_dir / "adapter_model.safetensors"))
+    side = json.loads((src_dir / "moe_compat.json").read_text())
+    for targets in side["adapters"].values():
+        for t in targets.values():
+            t["orientation"] = other.value
+            t["lora_A_shape"], t["lora_B_shape"] = t["lora_B_shape"][::-1], t["lora_A_shape"][::-1]
+    (dst_dir / "moe_compat.json").write_text(json.dumps(side))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layout_live_foreign_roundtrip_from_pretrained(moe_check, case, tmp_path):
+    """NF4 experts: the cell's adapter round-trips through impl save/load; the same adapter re-expressed in the other
+    orientation (sidecar declaring it) is converted on load (same logits) or refused with an error, never misapplied.
+    Also recorded: what plain ``PeftModel.from_pretrained`` does with it (size mismatch, or silently wrong logits for
+    square experts)."""
+    from impl import peft_integration as pi
+
+    family = _family()
+    moe_check.set(name="layout", family=family, variant=f"{case}:live_nf4")
+    with helpers.single_thread():
+        pm = helpers.add_lora(_nf4_model(family, case), family, r=2, alpha=4)
+        tr.train_lora(pm, helpers.make_task(), steps=5, lr=5e-2, seed=helpers.SEED)
+        live = _logits(pm)
+        pi.save_adapter(pm, str(tmp_path / "adapter"))
+        back = _logits(pi.load_adapter(_nf4_model(family, case), str(tmp_path / "adapter")))
+        moe_check.require("impl_reload_max_abs_dlogit", (back - live).abs().max(), ATOL)
+        E = _dims(family, case)["E"]
+        cell = Orientation.SWAPPED if peft_swaps(peft.__version__, 3, _is_transposed(family)) else Orientation.STANDARD
+        other = Orientation.STANDARD if cell is Orientation.SWAPPED else Orientation.SWAPPED
+        _write_other_orientation(tmp_path / "adapter", tmp_path / "other", E, cell, other)
+        outcome = _live_load_outcome(moe_check, family, case, tmp_path / "other", live)
+        raw = _raw_peft_load(family, case, tmp_path / "other")
+    moe_check.metric("raw_peft_size_mismatch", float(raw is None))
+    if raw is not None:  # PEFT alone loaded it (every target square): how wrong would it have been?
+        moe_check.metric("raw_peft_silent_max_abs_dlogit", (raw - live).abs().max())
+    moe_check.metric("other_orientation_converted", float(outcome == "converted"))
+
+
+def _live_load_outcome(moe_check, family: str, case: str, adapter_dir, live) -> str:
+    """impl's load of an adapter in the other (declared) orientation: 'converted' (same logits) or 'refused'."""
+    from impl import peft_integration as pi
+
+    try:
+        loaded = pi.load_adapter(_nf4_model(family, case), str(adapter_dir))
+    except LayoutError as exc:
+        moe_check.note(f"other orientation refused by impl: {exc}")
+        return "refused"
+    except RuntimeError as exc:  # PEFT's own size-mismatch error on non-square experts
+        if "size mismatch" not in str(exc):
+            raise
+        moe_check.note(f"other orientation refused by PEFT (size mismatch): {str(exc)[:300]}")
+        return "refused"
+    diff = (_logits(loaded) - live).abs().max()
+    moe_check.require(
+        "other_orientation_max_abs_dlogit", diff, ATOL, msg="loaded in the other orientation and misapplied"
+    )
+    return "converted"
+
+
+def _raw_peft_load(family: str, case: str, adapter_dir):
+    """Plain ``PeftModel.from_pretrained`` (no sidecar check); logits, or None when PEFT refuses (size mismatch)."""
+    try:
+        model = peft.PeftModel.from_pretrained(_nf4_model(family, case), str(adapter_dir))
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        return None
+    return _logits(model)
