@@ -30,7 +30,8 @@ swap flag, so it must also agree with the shapes when they are unambiguous.
 
 Writing: shard by shard in the base's shard layout, tensor by tensor (`impl.checkpoint.write_shard`), into a temporary
 directory ``.<out>.partial-<pid>-<hex>`` next to ``out_dir`` renamed to ``out_dir`` at the end; on any exception the
-temporary directory is removed. The source checkpoint and adapter are only read.
+temporary directory is removed (a killed process cannot clean up: the next merge into the same ``out_dir`` removes
+partial dirs whose process is gone). The source checkpoint and adapter are only read.
 """
 
 from __future__ import annotations
@@ -659,6 +660,7 @@ def merge_adapter(
     merger = _Merger(ckpt, plan, method, dtype)
     if method == FP8_METHOD and not merger.fp8:
         raise MergeError(f"{base}: method 'fp8' needs an FP8 base checkpoint; it has no float8_e4m3fn weights")
+    _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -765,6 +767,31 @@ def _write_side_files(ckpt: Checkpoint, adapter: Adapter, method: str, tmp: Path
         "deltas_applied": sum(merger.applied.values()),
     }
     (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def _remove_stale_partials(out: Path) -> list[Path]:
+    """Remove ``.<out>.partial-<pid>-<hex>`` dirs left by a merge process that no longer runs (killed: no cleanup
+    handler runs on SIGKILL). Dirs of live processes are kept. Returns the removed paths."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)-[0-9a-f]{{8}}$")
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m[1])):
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:

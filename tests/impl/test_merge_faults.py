@@ -251,7 +251,8 @@ def test_failure_in_a_later_shard_leaves_nothing(tmp_path, small, capsys):
 
 def test_killed_process_leaves_no_output_dir(tmp_path):
     """SIGKILL right after the CLI reports its first shard: ``out`` never appears (the rename is the last step); the
-    temporary ``.out.partial-<pid>-<hex>`` is all that can remain after a kill (no handler runs on SIGKILL)."""
+    temporary ``.out.partial-<pid>-<hex>`` is all that can remain after a kill (no handler runs on SIGKILL), and the
+    next merge into ``out`` removes it."""
     base, adapter = build_synthetic(tmp_path, shards=8, E=8, H=512, I=256, r=4)
     before = {d: tree_digest(tmp_path / d) for d in ("base", "adapter")}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -267,6 +268,8 @@ def test_killed_process_leaves_no_output_dir(tmp_path):
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("base", "adapter")]
     assert all(name.startswith(".out.partial-") for name in leftovers), leftovers
     assert {d: tree_digest(tmp_path / d) for d in ("base", "adapter")} == before
+    merge_adapter(base, adapter, tmp_path / "out")  # the next merge removes the dead process's partial dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
 
 
 def test_successful_merge_counts_and_keeps_source(tmp_path, small):
