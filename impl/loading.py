@@ -146,4 +146,47 @@ def load_model(source, cfg: QuantConfig, *, backend: str = "auto", dtype: torch.
     return model, quantize_experts(model, cfg, backend=backend)
 
 
-__all__ = ["QuantReport", "quantize_experts", "load_model", "bnb_config_for", "FP8Config", "NF4Config"]
+def attach_fp8_experts(model: nn.Module, ckpt_dir, *, compute_dtype: torch.dtype = torch.bfloat16,
+                       backend: str = "auto") -> QuantReport:  # fmt: skip
+    """Give ``model``'s fused experts the FP8 storage of a pre-quantized checkpoint, bit for bit.
+
+    ``impl.checkpoint.read_fp8_experts`` reads and validates the e4m3 weights and their ``weight_scale_inv`` /
+    fused ``*_scale_inv`` grids (per-expert keys are stacked into the fused layout). ``model`` supplies everything
+    else (routers, attention...): e.g. the same checkpoint loaded by transformers, which on CPU dequantizes FP8 to
+    bf16, or a bf16 twin. Shapes must match; a module path absent from the model raises.
+    """
+    from impl.checkpoint import read_fp8_experts
+    from impl.quant_experts import FP8Weight
+
+    found = read_fp8_experts(ckpt_dir)
+    if not found:
+        raise QuantizedExpertsError(f"{ckpt_dir} holds no FP8 expert weights")
+    report = QuantReport("fp8")
+    for path, parts in found.items():
+        try:
+            m = model.get_submodule(path)
+        except AttributeError as e:
+            raise QuantizedExpertsError(
+                f"checkpoint experts {path!r} are not a module of {type(model).__name__}"
+            ) from e
+        if not is_fused_experts(m):
+            raise QuantizedExpertsError(f"{path} ({type(m).__name__}) is not a fused experts module")
+        weights = {f"{n}_proj": FP8Weight(q, s, block) for n, (q, s, block) in parts.items()}
+        blocks = {w.block for w in weights.values()}
+        if len(blocks) != 1:
+            raise QuantizedExpertsError(f"{path}: gate_up / down FP8 blocks differ: {sorted(blocks)}")
+        report.bytes_before += storage_bytes(m)
+        report.weight_bytes_before += sum(getattr(m, n).numel() * getattr(m, n).element_size() for n in WEIGHT_NAMES)
+        q = QuantizedExperts(m, FP8Config(block=blocks.pop(), compute_dtype=compute_dtype), backend=backend,
+                             weights=weights)  # fmt: skip
+        parent, child = _parent(model, path)
+        setattr(parent, child, q)
+        report.modules.append(path)
+        report.bytes_after += storage_bytes(q)
+        report.weight_bytes_after += sum(q.storage(n).nbytes() for n in WEIGHT_NAMES)
+    return report
+
+
+__all__ = [
+    "QuantReport", "quantize_experts", "load_model", "attach_fp8_experts", "bnb_config_for", "FP8Config", "NF4Config",
+]  # fmt: skip

@@ -294,7 +294,14 @@ class QuantizedExperts(nn.Module):
     GPT-OSS ``alpha``/``limit`` ...) are kept; ``_apply_gate`` is the original class's.
     """
 
-    def __init__(self, original: nn.Module, cfg: QuantConfig, *, backend: str = "auto"):
+    def __init__(
+        self,
+        original: nn.Module,
+        cfg: QuantConfig,
+        *,
+        backend: str = "auto",
+        weights: dict[str, ExpertWeight] | None = None,
+    ):
         super().__init__()
         if torch.nn.utils.parametrize.is_parametrized(original):
             raise QuantizedExpertsError(
@@ -323,7 +330,13 @@ class QuantizedExperts(nn.Module):
         device = original.gate_up_proj.device
         for name in WEIGHT_NAMES:
             p = getattr(original, name)
-            self.add_module(f"{name}_q", make_weight(p.data, cfg))
+            w = make_weight(p.data, cfg) if weights is None else weights[name]
+            if w.shape != p.shape:
+                raise QuantizedExpertsError(
+                    f"{type(original).__name__}.{name}: given storage has shape {tuple(w.shape)}, the module "
+                    f"{tuple(p.shape)}"
+                )
+            self.add_module(f"{name}_q", w.to(device))
             setattr(self, name, _carrier(p.shape, cfg.compute_dtype, device))
         for name in BIAS_NAMES:
             b = getattr(original, name, None)

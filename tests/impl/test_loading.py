@@ -3,6 +3,7 @@
 - 5.x (fused experts): from a checkpoint directory, the loaded NF4 / FP8 storage is exactly the quantization of the
   checkpoint's expert weights (same packed bytes / codes and scales as quantizing the in-memory model), expert bytes
   drop >= 3.5x under NF4 (recorded), routers and everything else are untouched.
+- 5.x, pre-quantized FP8 checkpoint: `attach_fp8_experts` uses the checkpoint's e4m3 codes and scales bit for bit.
 - 4.57 (ModuleList experts): NF4 through transformers' BitsAndBytesConfig: every expert Linear is Linear4bit, the
   router gate / lm_head stay nn.Linear; the MoE block equals the float64 reference on the reference-dequantized
   weights (bf16 bound 2e-2, moe_helpers.REL_TOL); LoRA on the per-expert Linear4bit gets gradients exactly for routed
@@ -74,6 +75,48 @@ def test_in_memory_model_fp8():
     _, rep = load_model(m, FP8Config(block=(16, 16)))
     assert all(isinstance(e, QuantizedExperts) and e.kind == "fp8" for e in zoo.describe(m)["experts"])
     assert rep.bytes_after < rep.bytes_before / 1.5
+
+
+def _fp8_checkpoint(tmp_path, block=(8, 8)):
+    """The tiny model saved by transformers (per-expert keys), expert weights rewritten as e4m3 + weight_scale_inv."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from reference import fp8 as ref_fp8
+
+    _saved(tmp_path)
+    f = tmp_path / "model.safetensors"
+    sd = load_file(str(f))
+    for k in [k for k in sd if ".experts." in k and k.endswith("_proj.weight")]:
+        sd[k], sd[k + "_scale_inv"] = ref_fp8.quantize_fp8_block(sd[k], block)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.skipif(MODULE_LIST, reason=f"transformers {V} has ModuleList experts")
+def test_attach_fp8_experts_from_prequantized_checkpoint(tmp_path):
+    """Per-expert e4m3 + weight_scale_inv keys (validated and fused by impl.checkpoint) become the storage bit for
+    bit: identical to quantizing the fused bf16 weights with the same block (I % bm == 0, so blocks never straddle
+    gate and up)."""
+    from impl.loading import attach_fp8_experts
+
+    _fp8_checkpoint(tmp_path)
+    model = tiny("qwen3_moe", dtype=BF16)
+    rep = attach_fp8_experts(model, str(tmp_path))
+    twin = tiny("qwen3_moe", dtype=BF16)
+    quantize_experts(twin, FP8Config(block=(8, 8)))
+    assert rep.modules and rep.ratio > 1.5
+    for a, b in zip(zoo.describe(model)["experts"], zoo.describe(twin)["experts"]):
+        for n in ("gate_up_proj", "down_proj"):
+            sa, sb = a.storage(n), b.storage(n)
+            assert sa.block == (8, 8)
+            assert torch.equal(sa.q.view(torch.uint8), sb.q.view(torch.uint8)) and torch.equal(
+                sa.scale_inv, sb.scale_inv
+            )
+    assert torch.equal(model(IDS).logits, twin(IDS).logits)
 
 
 # --- transformers 4.57: ModuleList experts ----------------------------------------------------------------------
