@@ -19,7 +19,9 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU-interpreter tests (TRITON_INTERPRET=1); on a GPU, tests/ops/test_gpu.py runs instead",
+                allow_module_level=True)
 
 pytest.importorskip("triton")
 
@@ -47,10 +49,6 @@ from reference.lora import STRIDE_E, LoraFactors, lora_forward_delta  # noqa: E4
 
 pytestmark = [pytest.mark.triton]
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 CPU_TOL = 1e-5
 FP8_CPU_TOL = 1e-4
 
