@@ -26,7 +26,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 class RunCache:
-    """``get(family, kind)`` trains once per session and returns the `helpers.Run` (or raises the first error again)."""
+    """``get(family, kind)`` trains once per session and returns the `helpers.Run`; a failed training is not cached
+    (each caller retrains and fails with its own traceback)."""
 
     def __init__(self, workdir, quick: bool):
         self.workdir = workdir
@@ -38,15 +39,8 @@ class RunCache:
 
         key = (family, kind)
         if key not in self._runs:
-            try:
-                self._runs[key] = helpers.train_run(family, kind, self.workdir, self.quick)
-            except Exception as exc:  # noqa: BLE001 - re-raised unchanged, and again for every later caller
-                self._runs[key] = exc
-                raise
-        got = self._runs[key]
-        if isinstance(got, Exception):
-            raise got
-        return got
+            self._runs[key] = helpers.train_run(family, kind, self.workdir / f"{family}-{kind}", self.quick)
+        return self._runs[key]
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,12 @@ Recorded: per-prompt exact match of the k tokens (live vs merged) and token-set 
 Thresholds (why):
 - ``live_memorized == 1`` and ``merged_memorized == 1``: the task was trained to near-zero loss (loss_parity), so every
   continuation must come back exactly, live and after merge + reload.
-- ``kl_heldout_max <= 1e-2`` nats on prompts never trained on (broad distributions, the sensitive place): the merged
+- ``kl_heldout_max <= 2e-2`` nats on prompts never trained on (broad distributions, the sensitive place): the merged
   model has the live base values, so it differs from the live model by one bf16 rounding of ``W + ΔW`` (2^-9
   relative) and the order of operations. A logit perturbation δ moves KL by about ½·Var(δ); δ ≲ 0.05 on logits of
-  size ~5 gives KL ≲ 1e-3 (measured 4e-4 – 2e-3); bound 1e-2. A transposed or misplaced ΔW gives KL ~0.1–1.
+  size ~5 gives KL ≲ 1e-3. Routing is discrete, though: a rounding-level change can flip one token's top-k expert and
+  move its logits by much more, so the bound leaves headroom (measured across 9 families x 3 kinds: 4e-5 – 6.9e-3,
+  the largest Mixtral NF4). A transposed or misplaced ΔW gives KL ≳ 0.1.
 - ``qlora_kl_heldout_max``, ``qlora_merged_memorized`` and ``kl_base_quant_max`` (NF4, recorded without a bound): the
   QLoRA merge puts the adapter on bf16 W while it was trained on NF4(W) (~10 % RMS difference per weight).
   KL(NF4 base || bf16 base) with adapters off is the size of that mismatch before training; after training the
@@ -43,7 +45,7 @@ from tests.checks import helpers  # noqa: E402
 
 pytestmark = [pytest.mark.check, pytest.mark.upstream]
 
-KL_HELDOUT_MAX = 1e-2
+KL_HELDOUT_MAX = 2e-2
 MEMORIZED = 1.0
 
 
