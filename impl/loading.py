@@ -62,6 +62,24 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), child
 
 
+def guard_save(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` raise: transformers would write the quantized storage under keys it cannot
+    reload, and a later ``from_pretrained`` would re-initialise the experts at random (a warning, not an error)."""
+    save = getattr(model, "save_pretrained", None)
+    if save is None or getattr(save, "_moe_compat_guard", False):
+        return
+
+    def save_pretrained(*args, **kwargs):
+        raise QuantizedExpertsError(
+            f"{type(model).__name__} holds in-memory quantized experts (impl.QuantizedExperts); transformers cannot "
+            "save or reload them. Save the LoRA adapter with impl.save_adapter, or merge it onto the original "
+            "checkpoint with impl.merge.merge_adapter (moe-compat-merge)."
+        )
+
+    save_pretrained._moe_compat_guard = True
+    model.save_pretrained = save_pretrained
+
+
 def quantize_experts(model: nn.Module, cfg: QuantConfig, *, backend: str = "auto") -> QuantReport:
     """Replace every fused experts module of ``model`` by a `QuantizedExperts` (in place); returns a `QuantReport`.
 
@@ -90,6 +108,7 @@ def quantize_experts(model: nn.Module, cfg: QuantConfig, *, backend: str = "auto
         report.modules.append(path)
         report.bytes_after += storage_bytes(q)
         report.weight_bytes_after += sum(q.storage(n).nbytes() for n in WEIGHT_NAMES)
+    guard_save(model)
     return report
 
 
@@ -184,6 +203,7 @@ def attach_fp8_experts(model: nn.Module, ckpt_dir, *, compute_dtype: torch.dtype
         report.modules.append(path)
         report.bytes_after += storage_bytes(q)
         report.weight_bytes_after += sum(q.storage(n).nbytes() for n in WEIGHT_NAMES)
+    guard_save(model)
     return report
 
 

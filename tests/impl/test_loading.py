@@ -204,3 +204,12 @@ def test_module_list_fp8_and_in_memory_refused(tmp_path):
         load_model(str(tmp_path), FP8Config())
     with pytest.raises(QuantizedExpertsError, match="save it and pass the directory"):
         load_model(tiny("qwen3_moe", dtype=BF16), NF4Config())
+
+
+@pytest.mark.skipif(MODULE_LIST, reason=f"transformers {V} has ModuleList experts")
+def test_base_save_pretrained_refused(tmp_path):
+    """transformers would save the storage under unknown keys and re-initialise the experts on reload: refuse."""
+    m = tiny("qwen3_moe", dtype=BF16)
+    quantize_experts(m, NF4Config())
+    with pytest.raises(QuantizedExpertsError, match="save the LoRA adapter|Save the LoRA adapter"):
+        m.save_pretrained(str(tmp_path))

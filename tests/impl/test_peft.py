@@ -244,3 +244,25 @@ def test_repeated_forward_is_stable_and_leaves_no_parametrization():
     for m in pm.modules():
         if isinstance(m, QuantizedExperts):
             assert not torch.nn.utils.parametrize.is_parametrized(m)
+
+
+def test_gradient_checkpointing_gives_the_same_lora_grads():
+    """transformers' gradient checkpointing re-runs the wrapped experts in backward: LoRA is attached again there, and
+    the dequantized weights are rebuilt; the LoRA grads equal those without checkpointing (bit for bit)."""
+    grads, calls = [], []
+    for gc in (False, True):
+        pm = _peft("fp8", torch.bfloat16)
+        pm.train()
+        if gc:
+            pm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        n_calls = [0]
+        for m in pm.modules():
+            if isinstance(m, QuantizedExperts):
+                m.register_forward_pre_hook(lambda *a, c=n_calls: c.__setitem__(0, c[0] + 1))
+        (pm(IDS).logits.float() * PROJ).sum().backward()
+        grads.append({n: p.grad for n, p in pm.named_parameters() if "lora_" in n})
+        calls.append(n_calls[0])
+    assert calls[1] == 2 * calls[0], f"checkpointing did not recompute the experts: {calls}"
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n, g in grads[0].items():
+        assert torch.equal(g, grads[1][n]), n
