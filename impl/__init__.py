@@ -3,6 +3,7 @@
 Public entry points (one per concern):
 
 - loading:  `load_model(source, cfg)` (checkpoint dir or in-memory model), `quantize_experts(model, cfg)`,
+            `attach_fp8_experts(model, fp8_ckpt_dir)` (pre-quantized FP8 checkpoint, bit for bit),
             configs `NF4Config`, `FP8Config`, `DenseConfig`; `storage_bytes(module)` (real bytes);
 - forward:  `QuantizedExperts` (the module swapped in), `register_backend` / `Backend` (grouped GEMM backends);
 - PEFT:     `install_peft_hooks()` (done by `quantize_experts`), `save_adapter(peft_model, dir)`,
@@ -24,6 +25,7 @@ _EXPORTS = {
     "storage_bytes": "impl.quant_experts",
     "load_model": "impl.loading",
     "quantize_experts": "impl.loading",
+    "attach_fp8_experts": "impl.loading",
     "QuantReport": "impl.loading",
     "Backend": "impl.forward",
     "register_backend": "impl.forward",
