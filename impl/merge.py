@@ -712,10 +712,18 @@ def _refuse_unsupported_quant(ckpt: Checkpoint) -> None:
 
 
 def _write_shards(ckpt: Checkpoint, merger: _Merger, tmp: Path, progress: bool) -> list[str]:
-    weight_map, total = {}, 0
+    weight_map, total, written = {}, 0, []
     for i, shard in enumerate(ckpt.shards):
         t = time.monotonic()
         specs = [merger.spec(k) for k in ckpt.keys_in(shard) if not merger.dropped(k)]
+        if not specs:  # e.g. a shard that held only FP8 scales, all dropped by merged_16bit
+            if progress:
+                print(
+                    f"[moe-compat-merge] shard {i + 1}/{len(ckpt.shards)} {shard}: nothing left, not written",
+                    file=sys.stderr,
+                )
+            continue
+        written.append(shard)
         try:
             nbytes = write_shard(tmp / shard, specs, merger.produce, {"format": "pt"})
         finally:
@@ -732,7 +740,7 @@ def _write_shards(ckpt: Checkpoint, merger: _Merger, tmp: Path, progress: bool) 
     if ckpt.indexed:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    return list(ckpt.shards)
+    return written
 
 
 def _check_applied(plan: MergePlan, merger: _Merger) -> None:
