@@ -116,10 +116,16 @@ def test_training_grads_reach_every_routed_expert(kind):
         h.remove()
 
 
-def test_orientation_follows_peft_version():
-    pm = _peft("nf4")
+def test_orientation_follows_peft_version_and_adapter_placement():
+    """Orientation per `peft_swaps`; PEFT read the carrier's logical shape (in/out features), placed the adapters on
+    the storage's device and upcast them to fp32 (its autocast_adapter_dtype) from the bf16 compute dtype."""
+    pm = _peft("nf4", torch.bfloat16)
     for _, w in quantized_wrappers(pm):
         q = w.get_base_layer()
+        E, d1, d2 = q.storage(w.parameter_name).shape
+        assert w.num_experts == E and {w.in_features, w.out_features} == {d1, d2}
+        for lin in (w.lora_A["default"], w.lora_B["default"]):
+            assert lin.weight.dtype == torch.float32 and lin.weight.device == q.storage(w.parameter_name).device
         want = Orientation.SWAPPED if peft_swaps(peft.__version__, 3, q.is_transposed) else Orientation.STANDARD
         assert wrapper_orientation(w, "default") is want
 
