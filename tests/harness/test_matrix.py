@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.matrix import CellSpec, MatrixError, load_matrix, resolve_cell, resolve_spec
+from harness.matrix import CellSpec, Known, MatrixError, load_matrix, resolve_cell, resolve_spec
 from tests.harness.conftest import fake_source
 
 VERSIONS = ["4.56.2", "4.57.0", "4.57.6", "5.0.0rc1", "5.0.0", "5.1.0", "5.24.0", "5.25.0.dev0", "6.0.0a1"]
@@ -54,7 +54,8 @@ def test_known_entries_follow_installed_versions():
         return " | ".join(k.reason for k in m.known_for("tX", {"transformers": t, "peft": p}))
 
     assert "distributed_operation" in reasons("5.24.0", "0.19.1")
-    assert "loading_info" in reasons("5.0.0", "0.19.0")
+    assert "loading_info" in reasons("5.0.0", "0.19.0") and "loading_info" in reasons("5.0.0", "0.21.2")
+    assert "loading_info" not in reasons("5.0.0", "0.18.1")
     assert "PEFT 0.22" in reasons("5.24.0", "0.21.2")
     assert "0.18.2" in reasons("5.8.1", "0.18.1")          # extended cells are covered by version ranges
     assert reasons("4.57.6", "0.18.1") == ""
@@ -63,9 +64,13 @@ def test_known_entries_follow_installed_versions():
 
 def test_known_entry_matching_by_name_node_and_family():
     k = next(k for k in load_matrix("default").known if k.match == "distributed_operation")
-    assert k.matches_check(name="oracle_peft_reload", node_id="x", family="qwen3_moe", variant=None)
-    assert not k.matches_check(name="oracle_peft_reload", node_id="x", family="gpt_oss", variant=None)
-    assert not k.matches_check(name="impl_forward", node_id="x", family="qwen3_moe", variant=None)
+    assert k.matches_check(name="qlora_adapter_from_impl_merges_onto_bf16_base", node_id="x", family=None, variant=None)
+    assert not k.matches_check(name="save_reload_with_sidecar", node_id="x", family=None, variant=None)
+    fam = Known(checks=("oracle_*",), reason="r", link="l", cells=("*",), families=("qwen3_moe*",))
+    assert fam.matches_check(name="oracle_x", node_id="n", family="qwen3_moe", variant=None)
+    assert not fam.matches_check(name="oracle_x", node_id="n", family="gpt_oss", variant=None)
+    assert not fam.matches_check(name="oracle_x", node_id="n", family=None, variant=None)
+    assert fam.matches_check(name="other", node_id="tests/a.py::oracle_y", family="qwen3_moe_x", variant=None)
 
 
 @pytest.mark.parametrize(("body", "needle"), [
