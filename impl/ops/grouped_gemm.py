@@ -27,6 +27,7 @@ Under ``TRITON_INTERPRET=1`` (CPU) pass ``dot_fp32=True``: the interpreter's bf1
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -351,7 +352,10 @@ def _grouped_gemm_kernel(
         if DOT_FP32:
             acc += lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32))
         else:
-            acc += lora_scale * tl.dot(la, lb.to(la.dtype))
+            # fold the scale into the small B tile and accumulate in place: a separate [BM, BN] fp32 result of the
+            # LoRA dot doubled the accumulator registers and spilled at 128x256 tiles
+            lbs = (lb.to(tl.float32) * lora_scale).to(la.dtype)
+            acc = tl.dot(la, lbs, acc)
     tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
@@ -397,8 +401,6 @@ def _next_pow2(n: int) -> int:
 
 
 def interpret_mode() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -469,9 +471,11 @@ def grouped_mm(
     if dot_fp32 is None:
         dot_fp32 = interpret_mode()
     cfg = config or default_config(weight.fmt, trans, S, E, nout)
-    if config is None and lora_in is not None and cfg.BN > 128:
-        # the LoRA epilogue on a 128x256 fp32 accumulator spills registers (measured 4.6x slower at 16k tokens)
-        cfg = TileConfig(cfg.BM, 128, cfg.BK, cfg.num_warps, cfg.num_stages, cfg.nf4_mode, cfg.nf4_select)
+    max_bn = int(os.environ.get("MOE_OPS_LORA_MAX_BN", "128"))
+    if config is None and lora_in is not None and cfg.BN > max_bn:
+        # the LoRA epilogue with a separate fp32 result spilled registers at 128x256 tiles (4.6x slower at 16k tokens,
+        # 2026-11-29); MOE_OPS_LORA_MAX_BN re-allows wider tiles now that the LoRA dot accumulates in place
+        cfg = TileConfig(cfg.BM, max_bn, cfg.BK, cfg.num_warps, cfg.num_stages, cfg.nf4_mode, cfg.nf4_select)
     if weight.fmt == FMT_FP8 and cfg.BK != FP8_BLOCK:
         raise ValueError(f"fp8_block needs BK == 128, got {cfg}")
     if weight.fmt == FMT_NF4:
