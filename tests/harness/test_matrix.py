@@ -70,7 +70,8 @@ def test_known_entry_matching_by_name_node_and_family():
     assert fam.matches_check(name="oracle_x", node_id="n", family="qwen3_moe", variant=None)
     assert not fam.matches_check(name="oracle_x", node_id="n", family="gpt_oss", variant=None)
     assert not fam.matches_check(name="oracle_x", node_id="n", family=None, variant=None)
-    assert fam.matches_check(name="other", node_id="tests/a.py::oracle_y", family="qwen3_moe_x", variant=None)
+    node = Known(checks=("tests/a.py::test_*",), reason="r", link="l", cells=("*",))   # globs match node ids too
+    assert node.matches_check(name="other", node_id="tests/a.py::test_y[p]", family=None, variant=None)
 
 
 @pytest.mark.parametrize(("body", "needle"), [
