@@ -545,7 +545,12 @@ class _Merger:
         return q[..., entry.row_offset : entry.row_offset + rows, :].contiguous()
 
     def _requant(self, unit) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, scale grid) of one quant unit's merged virtual matrix, cached for the current shard."""
+        """(q, scale grid) of one quant unit's merged virtual matrix.
+
+        Only the last unit is kept: a shard's scales are written before its weights (larger element size first), so
+        caching every unit would hold all of a shard's requantized weights at once. Recomputing is deterministic
+        (same inputs, same ops), so a scale written earlier and a q computed later agree bit for bit; gate_e and up_e
+        of a stacked scale are adjacent in key order and share the cached unit."""
         if unit not in self._cache:
             members = self.units[unit]
             parts = []
@@ -555,7 +560,7 @@ class _Merger:
                 parts.append(w if d is None else w + d)
             x = self._finite(unit[0], torch.cat(parts, dim=-2))
             ue8m0 = self.ckpt.tensors[unit[0]].dtype == "F8_E8M0"
-            self._cache[unit] = requantize_fp8_block(x, members[0].block, ue8m0=ue8m0)
+            self._cache = {unit: requantize_fp8_block(x, members[0].block, ue8m0=ue8m0)}
         return self._cache[unit]
 
     def _new_scale(self, scale_key: str) -> torch.Tensor:
