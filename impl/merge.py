@@ -16,7 +16,9 @@ Adapter: ``adapter_config.json`` + ``adapter_model.safetensors``. ``target_param
 which is down is decided by the shapes, which always differ) and ``target_modules`` LoRA on 2-D Linear weights
 (``ΔW = s·B A``). Experts LoRA: orientation from `reference.layout.detect_orientation` (param shape from the base
 checkpoint's fused view); square ties are resolved by the adapter dir's ``moe_compat.json`` sidecar, else the
-``peft_version`` in adapter_config.json, else refused. Per-expert deltas from `reference.lora` (``stride_e`` unless the
+``peft_version`` in adapter_config.json (`reference.layout.peft_swaps`; for gpt_oss experts from PEFT 0.19 on the rule
+depends on ``is_transposed``, which the checkpoint does not record, so that case needs the sidecar), else refused.
+Per-expert deltas from `reference.lora` (``stride_e`` unless the
 sidecar says ``contiguous_r``). Every adapter tensor must be applied and every planned delta counted, else MergeError.
 
 Sidecar ``moe_compat.json`` (optional; other fields are ignored), either impl.peft_integration's format 1::
