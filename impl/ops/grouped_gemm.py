@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 FMT_BF16 = "bf16"
 FMT_NF4 = "nf4"
@@ -256,9 +257,9 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_
                 xs = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # IEEE division, as the reference
                 aqf = tl.clamp(tl.math.div_rn(af, xs[:, None]), -448.0, 448.0)
                 if DOT_FP32:
-                    aq = _e4m3_round_emulated(aqf)
+                    aq = _e4m3_round_emulated(aqf, True)
                 else:
-                    aq = aqf.to(tl.float8e4nv)
+                    aq = _e4m3_round_emulated(aqf, False).to(tl.float8e4nv)
             if TRANS:
                 b = tl.load(w_ptr + e64 * stride_we + rk[:, None] * stride_wr + rn[None, :] * stride_wc,
                             mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -278,12 +279,20 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_
 
 
 @triton.jit
-def _e4m3_round_emulated(v):
-    """Interpreter only: its fp32 -> e4m3 cast is wrong when the mantissa rounds up (e.g. 126.2 -> 64); round to the
-    e4m3 grid in fp32 arithmetic instead (3 mantissa bits, subnormal step 2^-9; ties away from zero)."""
-    ex = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
-    step = tl.exp2(ex - 3.0)
-    return tl.floor(v / step + 0.5) * step
+def _e4m3_round_emulated(v, INTERP: tl.constexpr = True):
+    """Round fp32 ``v`` (|v| <= 448) to the e4m3 grid in fp32, round-to-nearest-even, so the following cast to e4m3 is
+    exact. Needed on the GPU too: Triton's fp32 -> e4m3 cast rounds twice (through fp16: 30.999998 -> 31 -> 32, the
+    reference gives 30), which changed 0.11 % of the activation codes (H200, 2026-11-29). The interpreter (no libdevice)
+    rounds ties away from zero instead; its own cast is also wrong when the mantissa rounds up (126.2 -> 64)."""
+    bits = v.to(tl.int32, bitcast=True)
+    ex = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # floor(log2 |v|), subnormal range clamped to 2^-6
+    step = ((ex - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(ex-3): 3 mantissa bits
+    t = v / step  # exact: a power of two
+    if INTERP:
+        r = tl.floor(t + 0.5)
+    else:
+        r = libdevice.rint(t)
+    return r * step
 
 
 @triton.jit
@@ -372,8 +381,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
     x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :], mask=m, other=0.0).to(tl.float32)
     sc = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0), 1e-12)  # IEEE division, as the reference
     q = tl.clamp(tl.math.div_rn(x, sc[:, None]), -448.0, 448.0)
-    if EMULATE:
-        q = _e4m3_round_emulated(q)  # exactly representable, so the interpreter's cast is exact
+    q = _e4m3_round_emulated(q, EMULATE)  # exactly representable afterwards, so the cast below is exact
     tl.store(q_ptr + rm64[:, None] * stride_qm + rk[None, :], q.to(tl.float8e4nv), mask=m)
     tl.store(s_ptr + rm64 * stride_sm + kb, sc, mask=rm < M)
 
@@ -471,10 +479,10 @@ def grouped_mm(
     if dot_fp32 is None:
         dot_fp32 = interpret_mode()
     cfg = config or default_config(weight.fmt, trans, S, E, nout)
-    max_bn = int(os.environ.get("MOE_OPS_LORA_MAX_BN", "128"))
+    max_bn = int(os.environ.get("MOE_OPS_LORA_MAX_BN", "256"))
     if config is None and lora_in is not None and cfg.BN > max_bn:
-        # the LoRA epilogue with a separate fp32 result spilled registers at 128x256 tiles (4.6x slower at 16k tokens,
-        # 2026-11-29); MOE_OPS_LORA_MAX_BN re-allows wider tiles now that the LoRA dot accumulates in place
+        # a LoRA epilogue with a separate fp32 result spilled registers at 128x256 tiles (4.6x slower at 16k tokens);
+        # accumulating in place, 256 measured best (Qwen3 16k fwd_bwd: 7355 vs 7770 us at 128, 2026-11-29)
         cfg = TileConfig(cfg.BM, max_bn, cfg.BK, cfg.num_warps, cfg.num_stages, cfg.nf4_mode, cfg.nf4_select)
     if weight.fmt == FMT_FP8 and cfg.BK != FP8_BLOCK:
         raise ValueError(f"fp8_block needs BK == 128, got {cfg}")

@@ -119,8 +119,8 @@ def test_fp8_block_act_prequant(weights, prequant):
     v = (x.float() / xs.repeat_interleave(128, dim=1)[:, : x.shape[1]])[diff][:8]
     print(f"act quant 1x128: fraction of e4m3 codes that differ from reference.fp8: {mismatch:.2e}; x/scale "
           f"{v.tolist()}, ours {q2.float()[diff][:8].tolist()}, reference {xq.float()[diff][:8].tolist()}")
-    # measured 1.1e-3 on the H200 (2026-11-29); the GEMM built on these codes still meets TOL below
-    assert mismatch < 5e-3
+    # 1.1e-3 before rounding in fp32 first (Triton's cast rounds twice, via fp16); bit-exact expected now
+    assert mismatch == 0
     y = grouped_mm(x, gw, offs, act_prequant=prequant)
     ref = loop(rfp8.dequantize_fp8(xq, xs, (1, 128), torch.float32), dense_of(gw), offs, False)
     assert rel(y, ref) < TOL
