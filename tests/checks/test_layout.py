@@ -1,6 +1,7 @@
 """layout: LoRA on 3-D experts with the cell's real PEFT for 2I == H, I == H, 2I < H and 2I > H.
 
-Per case (a fused family: qwen3_moe on 5.x, GPT-OSS on 4.57; fp32 so that equalities are tight):
+Per case and fused family (`layout_families`: qwen3_moe, plus GPT-OSS in full mode; GPT-OSS alone on 4.57), in fp32 so
+that equalities are tight:
 
 1. ``layout_roundtrip_from_pretrained``: an adapter trained in the cell (a few steps, so lora_B != 0) is saved with
    PEFT and reloaded with ``PeftModel.from_pretrained`` onto a fresh base of the same seed: the logits must match the
@@ -12,7 +13,10 @@ Per case (a fused family: qwen3_moe on 5.x, GPT-OSS on 4.57; fp32 so that equali
    that names the cause; a merge that succeeds with other logits is the failure this check exists for (an adapter
    applied transposed). Expected: declared fixtures are converted; the undeclared other-orientation fixture is refused
    when the expert matrix is square (d1 == d2: the shapes cannot tell) and converted by its shapes otherwise.
-   The merge of the original adapter is itself checked against the live model (rel. Frobenius <= 1e-5, fp32).
+   The merge of the cell's adapter (orientation declared in the sidecar, as impl's save writes it) is itself checked
+   against the live model (rel. Frobenius <= 1e-5, fp32). The plain PEFT save (no sidecar) is merged too: impl.merge
+   decides by its ``peft_version`` or refuses where that does not decide (square GPT-OSS: PEFT >= 0.19.1's rule
+   depends on ``is_transposed``, which depends on the transformers version); recorded as ``plain_peft_adapter_*``.
 """
 
 from __future__ import annotations
@@ -48,8 +52,18 @@ ATOL = 1e-5
 TOKENS = torch.arange(3, 3 + 2 * 9).reshape(2, 9) % zoo.VOCAB
 
 
-def _family() -> str:
-    return compat.QWEN3_MOE if compat.fused_experts(zoo.installed_version()) else compat.GPT_OSS
+def layout_families(quick: bool) -> list[str]:
+    """Fused families to check: qwen3_moe ((E, out, in), is_transposed=False) and, in full mode, GPT-OSS ((E, in, out),
+    is_transposed=True on 5.x, attribute absent on 4.57: the case PEFT 0.19.0 and 0.19.1+ treat oppositely).
+    transformers 4.57 has only GPT-OSS fused."""
+    if not compat.fused_experts(zoo.installed_version()):
+        return [compat.GPT_OSS]
+    return [compat.QWEN3_MOE] if quick else [compat.QWEN3_MOE, compat.GPT_OSS]
+
+
+def pytest_generate_tests(metafunc):
+    if "layout_family" in metafunc.fixturenames:
+        metafunc.parametrize("layout_family", layout_families(bool(metafunc.config.getoption("quick", default=False))))
 
 
 def _build(family: str, case: str):
@@ -80,13 +94,13 @@ def trained(tmp_path_factory):
     """One trained adapter per case (shared by the round-trip and the foreign-adapter checks)."""
     cache = {}
 
-    def get(case: str):
-        if case not in cache:
-            root = tmp_path_factory.mktemp(f"layout-{case}")
+    def get(family: str, case: str):
+        if (family, case) not in cache:
+            root = tmp_path_factory.mktemp(f"layout-{family}-{case}")
             with helpers.single_thread():
-                pm = _trained_adapter(_family(), case, root)
-                cache[case] = (root, pm, _logits(pm))
-        return cache[case]
+                pm = _trained_adapter(family, case, root)
+                cache[family, case] = (root, pm, _logits(pm))
+        return cache[family, case]
 
     return get
 
@@ -97,10 +111,10 @@ def _dims(family: str, case: str) -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_layout_roundtrip_from_pretrained(moe_check, case, trained):
-    family = _family()
+def test_layout_roundtrip_from_pretrained(moe_check, layout_family, case, trained):
+    family = layout_family
     moe_check.set(name="layout", family=family, variant=f"{case}:roundtrip")
-    root, pm, live = trained(case)
+    root, pm, live = trained(family, case)
     for k, v in _dims(family, case).items():
         moe_check.metric(k, v)
     with helpers.single_thread():
@@ -169,18 +183,23 @@ def _outcome(moe_check, root, adapter_dir, name: str, ref) -> str:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_layout_foreign(moe_check, case, trained):
-    family = _family()
+def test_layout_foreign(moe_check, layout_family, case, trained):
+    family = layout_family
     moe_check.set(name="layout", family=family, variant=f"{case}:foreign")
-    root, pm, live = trained(case)
+    root, pm, live = trained(family, case)
     dims = _dims(family, case)
     E = dims["E"]
     cell = Orientation.SWAPPED if peft_swaps(peft.__version__, 3, _is_transposed(family)) else Orientation.STANDARD
     other = Orientation.STANDARD if cell is Orientation.SWAPPED else Orientation.SWAPPED
     with helpers.single_thread():
-        ref = _merge_logits(root, root / "adapter", "original")
+        # the cell's adapter with its orientation declared (what impl.peft_integration.save_adapter writes)
+        declared = _foreign(root, "cell_declared", orientation=None, convention=STRIDE_E, declare=True, E=E, src=cell)
+        ref = _merge_logits(root, declared, "cell_declared")
         rel = float((ref - live).norm() / live.norm())
         moe_check.require("merge_vs_live_rel_err", rel, ATOL)
+        # the plain PEFT save (no sidecar): merged by its peft_version, or refused where that does not decide
+        plain = _outcome(moe_check, root, root / "adapter", "plain_peft_adapter", ref)
+        moe_check.metric("plain_peft_adapter_converted", float(plain == "converted"))
         fixtures = {
             "other_orientation_declared": dict(orientation=other, convention=STRIDE_E, declare=True),
             "contiguous_r_declared": dict(orientation=None, convention=CONTIGUOUS_R, declare=True),
@@ -230,14 +249,14 @@ def _write_other_orientation(src_dir, dst_dir, E: int, src: Orientation, other: 
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_layout_live_foreign_roundtrip_from_pretrained(moe_check, case, tmp_path):
+def test_layout_live_foreign_roundtrip_from_pretrained(moe_check, layout_family, case, tmp_path):
     """NF4 experts: the cell's adapter round-trips through impl save/load; the same adapter re-expressed in the other
     orientation (sidecar declaring it) is converted on load (same logits) or refused with an error, never misapplied.
     Also recorded: what plain ``PeftModel.from_pretrained`` does with it (size mismatch, or silently wrong logits for
     square experts)."""
     from impl import peft_integration as pi
 
-    family = _family()
+    family = layout_family
     moe_check.set(name="layout", family=family, variant=f"{case}:live_nf4")
     with helpers.single_thread():
         pm = helpers.add_lora(_nf4_model(family, case), family, r=2, alpha=4)
