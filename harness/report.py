@@ -198,9 +198,26 @@ def metric_text(check: dict[str, Any], key: str) -> str:
     return text
 
 
+_OPS = {"<=": lambda v, t: v <= t, "<": lambda v, t: v < t, ">=": lambda v, t: v >= t, ">": lambda v, t: v > t,
+        "==": lambda v, t: v == t}
+
+
+def violated(check: dict[str, Any], key: str) -> bool:
+    """True when metric ``key`` breaks its threshold (a non-number value counts as broken)."""
+    t = check.get("threshold", {}).get(key)
+    v = check.get("metrics", {}).get(key)
+    if not t:
+        return False
+    if not isinstance(v, int | float) or not isinstance(t["value"], int | float):
+        return True
+    return not _OPS.get(t["op"], lambda a, b: True)(v, t["value"])
+
+
 def headline(check: dict[str, Any]) -> str:
-    """The first thresholded metric (or first metric) with its threshold, for a table cell."""
-    keys = list(check.get("threshold", {})) or list(check.get("metrics", {}))
+    """For a table cell: the first metric that breaks its threshold, else the first thresholded metric, else the
+    first metric — with its threshold."""
+    broken = [k for k in check.get("threshold", {}) if violated(check, k)]
+    keys = broken or list(check.get("threshold", {})) or list(check.get("metrics", {}))
     return metric_text(check, keys[0]) if keys else ""
 
 
@@ -215,6 +232,16 @@ def _rows(summary: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, dict[
                 label = f"{label} ({k.get('node_id')})"
             rows.setdefault(label, {})[cell["id"]] = k
     return list(rows), rows
+
+
+SEVERITY = {"fail": 0, "xpass": 0, "finding": 1, "xfail": 2, "pass": 3, "skip": 3}
+
+
+def split_rows(labels: list[str], rows: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[str], list[str]]:
+    """(rows with a fail/xpass/finding/xfail in some cell, worst first; rows that only pass or skip)."""
+    worst = {label: min(SEVERITY[k["status"]] for k in rows[label].values()) for label in labels}
+    notable = sorted((label for label in labels if worst[label] < 3), key=lambda label: worst[label])  # stable
+    return notable, [label for label in labels if worst[label] >= 3]
 
 
 def _md_escape(text: str) -> str:
@@ -252,19 +279,29 @@ def render_markdown(summary: dict[str, Any]) -> str:
         out.append(f"| `{c['id']}` | {_versions(c)} | {ICON[c['status']]} {c['status']} | {_cell_counts(c)} | "
                    f"{c.get('duration_s', 0):.0f}s | {venv} | {msg} |")
     labels, rows = _rows(summary)
+    notable, quiet = split_rows(labels, rows)
+    head = ["| check | " + " | ".join(f"`{c['id']}`" for c in cells) + " |", "|---|" + "---|" * len(cells)]
+
+    def md_row(label: str) -> str:
+        cols = []
+        for c in cells:
+            k = rows[label].get(c["id"])
+            if k is None:
+                cols.append("·" if c["status"] in ("pass", "fail") else "")
+            else:
+                hl = headline(k)
+                cols.append(f"{ICON[k['status']]} {k['status']}" + (f"<br>{_md_escape(hl)}" if hl else ""))
+        return f"| {_md_escape(label)} | " + " | ".join(cols) + " |"
+
     if labels:
-        out += ["", "## Checks × cells", "", "| check | " + " | ".join(f"`{c['id']}`" for c in cells) + " |",
-                "|---|" + "---|" * len(cells)]
-        for label in labels:
-            cols = []
-            for c in cells:
-                k = rows[label].get(c["id"])
-                if k is None:
-                    cols.append("·" if c["status"] in ("pass", "fail") else "")
-                else:
-                    hl = headline(k)
-                    cols.append(f"{ICON[k['status']]} {k['status']}" + (f"<br>{_md_escape(hl)}" if hl else ""))
-            out.append(f"| {_md_escape(label)} | " + " | ".join(cols) + " |")
+        out += ["", "## Checks × cells", "",
+                f"{len(notable)} check(s) with a failure, unexpected pass, finding or expected failure in some cell "
+                f"(worst first); {len(quiet)} pass or skip everywhere (collapsed below).", ""]
+        if notable:
+            out += [*head, *(md_row(label) for label in notable)]
+        if quiet:
+            out += ["", f"<details><summary>{len(quiet)} checks that pass or skip in every cell</summary>", "",
+                    *head, *(md_row(label) for label in quiet), "", "</details>"]
         out += ["", "Legend: " + " ".join(f"{ICON[s]} {s}" for s in CHECK_STATUSES) + " · `·` not run in this cell"]
     base = summary.get("baseline")
     if base:
@@ -408,22 +445,31 @@ def render_html(summary: dict[str, Any]) -> str:
                    f'<td><small>{e((c.get("message") or "")[:300])}</small></td></tr>')
     out.append('</table>')
     labels, rows = _rows(summary)
+    notable, quiet = split_rows(labels, rows)
+    head = '<tr><th>check</th>' + "".join(f'<th><code>{e(c["id"])}</code></th>' for c in cells) + '</tr>'
+
+    def html_row(label: str) -> str:
+        tds = []
+        for c in cells:
+            k = rows[label].get(c["id"])
+            if k is None:
+                tds.append('<td class="s">·</td>' if c["status"] in ("pass", "fail") else '<td></td>')
+                continue
+            hl = headline(k)
+            tip = e((k.get("message") or "")[:400])
+            tds.append(f'<td class="s" style="background:{COLOR[k["status"]]}" title="{tip}">{e(k["status"])}'
+                       + (f'<br/><small>{e(hl)}</small>' if hl else "") + '</td>')
+        return f'<tr><td>{e(label)}</td>{"".join(tds)}</tr>'
+
     if labels:
-        out += ['<h2>Checks × cells</h2>', '<table>',
-                '<tr><th>check</th>' + "".join(f'<th><code>{e(c["id"])}</code></th>' for c in cells) + '</tr>']
-        for label in labels:
-            tds = []
-            for c in cells:
-                k = rows[label].get(c["id"])
-                if k is None:
-                    tds.append('<td class="s">·</td>' if c["status"] in ("pass", "fail") else '<td></td>')
-                    continue
-                hl = headline(k)
-                tip = e((k.get("message") or "")[:400])
-                tds.append(f'<td class="s" style="background:{COLOR[k["status"]]}" title="{tip}">{e(k["status"])}'
-                           + (f'<br/><small>{e(hl)}</small>' if hl else "") + '</td>')
-            out.append(f'<tr><td>{e(label)}</td>{"".join(tds)}</tr>')
-        out.append('</table>')
+        out.append('<h2>Checks × cells</h2>')
+        out.append(f'<p>{len(notable)} check(s) with a failure, unexpected pass, finding or expected failure in some '
+                   f'cell (worst first); {len(quiet)} pass or skip everywhere (collapsed below).</p>')
+        if notable:
+            out += ['<table>', head, *(html_row(label) for label in notable), '</table>']
+        if quiet:
+            out += [f'<details><summary>{len(quiet)} checks that pass or skip in every cell</summary><table>', head,
+                    *(html_row(label) for label in quiet), '</table></details>']
         out.append('<p>' + " ".join(f'<span style="background:{COLOR[s]};padding:1px 6px">{s}</span>'
                                     for s in CHECK_STATUSES) + ' · <code>·</code> not run in this cell</p>')
     base = summary.get("baseline")

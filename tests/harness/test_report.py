@@ -87,6 +87,16 @@ def test_markdown_prints_thresholds_next_to_values():
     assert "| loss_parity [mixtral] [nf4] | 🔎 finding<br>rel=0.02 (≤ 0.05) |" in md
     assert "## Findings (1)" in md and "NF4 <within> 2% & fine" in md
     assert "`t4.58-platest` **unreleased**" in md and "**Gate: PASS** (exit 0)" in md
+    # notable rows (worst first) before the collapsed pass/skip-only rows
+    assert md.index("oracle_peft_reload [qwen3_moe]") < md.index("<details><summary>1 checks") < md.index("impl_forward")
+    assert md.index("loss_parity [mixtral]") < md.index("oracle_peft_reload [qwen3_moe]")   # finding before xfail
+
+
+def test_headline_prefers_the_broken_threshold():
+    k = check("x", "fail", metrics={"bytes": 7.0, "ratio": 3.2, "err": 0.1},
+              threshold={"err": {"op": "<=", "value": 0.5}, "ratio": {"op": ">=", "value": 3.5}})
+    assert report.headline(k) == "ratio=3.2 (≥ 3.5)"
+    assert report.headline(check("y", "pass", metrics={"bytes": 7.0})) == "bytes=7"
 
 
 def test_html_is_well_formed_self_contained_with_svg_plots():
