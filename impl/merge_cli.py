@@ -27,8 +27,8 @@ def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
     """On glibc, pin the mmap threshold so every freed tensor buffer >= ``nbytes`` goes back to the OS at once.
 
     glibc raises its threshold dynamically after large frees, after which MiB-sized temporaries come from the heap
-    and fragment it: scripts/measure_merge_memory.py measured the fp8 requant merge at 9.0x the largest shard with
-    the dynamic threshold and 3.2x with it pinned. A memory optimisation only (results are identical); returns
+    and fragment it: scripts/measure_merge_memory.py measured the fp8 requant merge at 9.3x the largest shard with
+    the dynamic threshold and 2.3x with it pinned. A memory optimisation only (results are identical); returns
     whether it was applied (False off glibc).
     """
     import ctypes

@@ -11,14 +11,14 @@ Like the CLI, the child pins glibc's mmap threshold (``MOE_COMPAT_DYNAMIC_MALLOC
 
 `build_synthetic` is also used by tests/impl/test_merge_faults.py (the killed-subprocess test).
 
-Measured 2026-11-29 (torch 2.13 CPU, 2 shared cores at load ~8; 4 shards, 16 experts, H=1024, I=512; baseline RSS
-after imports 222 MiB):
+Measured 2026-11-29 (torch 2.13 CPU, 2 shared cores at load ~7; 4 shards, 16 experts, H=1024, I=512; baseline RSS
+after imports 222 MiB; seconds are wall time on the loaded machine):
 
-    base  method        largest shard  peak RSS  added by the merge
-    bf16  merged_16bit  48.0 MiB       293 MiB   71.5 MiB = 1.49x largest shard
-    fp8   merged_16bit  24.0 MiB       270 MiB   48.1 MiB = 2.00x (the bf16 output shard is 48 MiB: 1.0x of it)
-    fp8   fp8           24.0 MiB       301 MiB   79.1 MiB = 3.29x (requantized q/scales of a shard are cached)
-    fp8   fp8, glibc dynamic mmap threshold (MOE_COMPAT_DYNAMIC_MALLOC=1, 2 shards): 223 MiB = 9.28x
+    base  method        largest shard  peak RSS  added by the merge                                   time
+    bf16  merged_16bit  48.0 MiB       294 MiB   71.6 MiB = 1.49x largest shard                        9 s
+    fp8   merged_16bit  24.0 MiB       270 MiB   48.1 MiB = 2.00x (= 1.0x of the 48 MiB bf16 output)   28 s
+    fp8   fp8           24.0 MiB       278 MiB   56.0 MiB = 2.33x                                      115 s
+    fp8   fp8, glibc's dynamic mmap threshold (MOE_COMPAT_DYNAMIC_MALLOC=1; 2 shards): 223 MiB = 9.28x
 """
 
 from __future__ import annotations
