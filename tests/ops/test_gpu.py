@@ -111,9 +111,11 @@ def test_fp8_block_act_prequant(weights, prequant):
     _, idx = routing(512, seed=12)
     _, _, offs = sort_pairs(idx, E)
     x = torch.randn(512 * K, C, device=DEV, dtype=torch.bfloat16)
-    xq, xs = rfp8.quantize_act_groups(x, 128)
+    # the reference on the CPU: torch's CUDA `tensor / python_scalar` multiplies by the reciprocal (amax * (1/448)),
+    # which is 1 ulp off IEEE division for some scales and then moves codes across rounding boundaries
+    xq, xs = (t.to(DEV) for t in rfp8.quantize_act_groups(x.cpu(), 128))
     q2, s2 = quantize_act_1x128(x)
-    assert torch.allclose(s2, xs, rtol=1e-6, atol=0)
+    assert torch.equal(s2, xs)
     diff = q2.view(torch.uint8) != xq.view(torch.uint8)
     mismatch = diff.float().mean().item()
     v = (x.float() / xs.repeat_interleave(128, dim=1)[:, : x.shape[1]])[diff][:8]
