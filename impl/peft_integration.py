@@ -42,7 +42,7 @@ from impl.quant_experts import (
     QuantizedExperts,
     QuantizedExpertsError,
 )
-from reference.layout import LayoutError, Orientation, detect_orientation, peft_swaps
+from reference.layout import LayoutError, Orientation, detect_orientation, parse_version, peft_swaps
 from reference.lora import STRIDE_E, delta_weight
 
 SIDECAR = "moe_compat.json"
@@ -384,6 +384,48 @@ def load_adapter(model, adapter_dir: str, adapter_name: str = "default", *, conv
                 )
             saved = convert_adapter_dir(adapter_dir, saved, tmp)
             adapter_dir = tmp
-        peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, **kwargs)
+        with _skip_broken_v4_conversion(adapter_dir):
+            peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, **kwargs)
     check_sidecar(peft_model, saved, adapter_name)
     return peft_model
+
+
+def v4_conversion_broken() -> bool:
+    """PEFT 0.19.x builds ``WeightConverter(distributed_operation=...)``, which transformers >= 5.6 rejects, in its
+    transformers-v4 -> v5 adapter conversion (peft.md §2.3 / §5.2 item 4; fixed in PEFT 0.20)."""
+    import transformers
+
+    peft_v = parse_version(_peft_version())[0]
+    return (0, 19, 0) <= peft_v < (0, 20, 0) and parse_version(transformers.__version__)[0] >= (5, 6, 0)
+
+
+@contextlib.contextmanager
+def _skip_broken_v4_conversion(adapter_dir: str):
+    """Where `v4_conversion_broken`, run PEFT's loader without its v4 -> v5 conversion, which is the identity for an
+    adapter saved by `save_adapter` (fused ``target_parameters`` keys). An adapter with per-expert (v4) LoRA keys
+    needs that conversion: raise instead."""
+    if not v4_conversion_broken():
+        yield
+        return
+    import re
+
+    from peft.utils import transformers_weight_conversion as twc
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:
+        v4 = [k for k in f.keys() if re.search(r"\.experts\.\d+\.", k)]
+    if v4:
+        raise LayoutError(
+            f"adapter has per-expert (transformers v4) LoRA keys such as {v4[0]!r}: it needs PEFT's v4 -> v5 "
+            f"conversion, which PEFT {_peft_version()} cannot run on this transformers (use PEFT >= 0.20)"
+        )
+    original = twc.convert_peft_adapter_state_dict_for_transformers
+    twc.convert_peft_adapter_state_dict_for_transformers = _identity_conversion
+    try:
+        yield
+    finally:
+        twc.convert_peft_adapter_state_dict_for_transformers = original
+
+
+def _identity_conversion(model, peft_config, adapter_state_dict, adapter_name="default"):
+    return adapter_state_dict
