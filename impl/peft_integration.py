@@ -205,8 +205,8 @@ def _merge(self, safe_merge: bool, adapter_names):
     merged = store.dequantize(torch.float32) + delta.to(store.device)
     if safe_merge and not torch.isfinite(merged).all():
         raise ValueError(f"NaNs/Infs in the merged {name}; the adapter(s) {adapter_names} seem to be broken")
-    stack = base.__dict__.setdefault("_premerge", {}).setdefault(name, [])
-    stack.append(store)
+    # kept on the wrapper (not the experts module): merge_and_unload drops the wrapper and with it this copy
+    self.__dict__.setdefault("_moe_compat_premerge", []).append(store)
     base.add_module(f"{name}_q", requantize_like(store, merged).to(store.device))
     self.merged_adapters.extend(adapter_names)
 
@@ -216,7 +216,7 @@ def _unmerge(self):
         return
     base: QuantizedExperts = self.get_base_layer()
     name = self.parameter_name
-    stack = base.__dict__.get("_premerge", {}).get(name, [])
+    stack = self.__dict__.get("_moe_compat_premerge", [])
     if not stack:
         raise QuantizedExpertsError(f"no pre-merge storage recorded for {name}; cannot unmerge exactly")
     base.add_module(f"{name}_q", stack[0].to(base.storage(name).device))
