@@ -34,6 +34,9 @@ def nf4_dequantize(
     n = 1
     for d in shape:
         n *= d
+    if n >= 2**31:
+        raise ValueError(f"nf4_dequantize: shape {shape} has {n} >= 2^31 elements: wrong results were measured for such "
+                         "tensors on the H200 (2026-11-29, cause not found yet); dequantize per group of experts")
     if n % 64 or packed.dtype != torch.uint8 or packed.numel() != n // 2 or absmax.numel() != n // 64:
         raise ValueError(f"nf4_dequantize: shape {shape} (n={n}, need n % 64 == 0), packed {packed.dtype} "
                          f"{packed.numel()} (need uint8 n/2), absmax {absmax.numel()} (need n/64)")

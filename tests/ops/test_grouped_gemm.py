@@ -164,6 +164,14 @@ def test_shape_errors_name_shapes():
                       rnf4.NF4_CODE)
 
 
+def test_nf4_refuses_2pow31_elements():
+    """NF4 tensors of >= 2^31 elements gave wrong results on the GPU (DeepSeek-V3 shapes): refused, not silent."""
+    with pytest.raises(ValueError, match="2\\^31"):
+        GroupedWeight(FMT_NF4, (256, 4096, 7168), torch.zeros(2, dtype=torch.uint8), torch.zeros(1), rnf4.NF4_CODE)
+    with pytest.raises(ValueError, match="2\\^31"):
+        nf4_dequantize(torch.zeros(2, dtype=torch.uint8), torch.zeros(1), rnf4.NF4_CODE, (256, 2048, 7168))
+
+
 def test_nf4_dequantize_bitwise():
     torch.manual_seed(4)
     w = torch.randn(3, 40, 128)
