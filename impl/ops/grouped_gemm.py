@@ -40,7 +40,7 @@ FMT_NF4 = "nf4"
 FMT_FP8 = "fp8_block"
 _FMT_ID = {FMT_BF16: 0, FMT_NF4: 1, FMT_FP8: 2}
 NF4_BLOCK = 64
-NF4_MAX_NUMEL = 2**31  # refused at and above (see GroupedWeight): wrong results measured, not yet explained
+NF4_MAX_NUMEL = 2**31  # refused at and above until a GPU run verifies these sizes (see GroupedWeight)
 FP8_BLOCK = 128
 E4M3_MAX = 448.0
 FP8_EPS = 1e-12
@@ -69,8 +69,9 @@ class GroupedWeight:
             n = E * R * C
             if n >= NF4_MAX_NUMEL:
                 raise ValueError(
-                    f"nf4 weight {self.shape} has {n} >= 2^31 elements: the H200 run of 2026-11-29 gave wrong results "
-                    "for such tensors (DeepSeek-V3 shapes; cause not found yet): split the experts into groups")
+                    f"nf4 weight {self.shape} has {n} >= 2^31 elements: the H200 run of 2026-11-29 gave wrong NF4 "
+                    "results at such sizes (DeepSeek-V3 shapes; an int32 overflow in nf4_dequantize, fixed since); the "
+                    "K-loop kernel is not verified on a GPU there yet: split the experts into groups")
             if C % NF4_BLOCK:
                 raise ValueError(f"nf4 weight {self.shape}: C={C} must be a multiple of the blocksize {NF4_BLOCK}")
             if self.data.dtype != torch.uint8 or self.data.numel() != n // 2:

@@ -23,7 +23,9 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, NBYTES, BLOCK
     am = tl.load(absmax_ptr + ob // 32, mask=mask, other=0.0)  # 64 elements = 32 bytes per block
     vals = tl.interleave(hi * am, lo * am)
     oe = pid.to(tl.int64) * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
-    tl.store(out_ptr + oe, vals.to(out_ptr.dtype.element_ty), mask=oe < 2 * NBYTES)
+    # (oe // 2) < NBYTES, not oe < 2 * NBYTES: NBYTES in [2^30, 2^31) is specialized as int32 and 2 * NBYTES wrapped
+    # negative, so nothing was stored (DeepSeek-V3 down, 3.76 G elements: garbage / NaN on the H200, 2026-11-29)
+    tl.store(out_ptr + oe, vals.to(out_ptr.dtype.element_ty), mask=(oe // 2) < NBYTES)
 
 
 def nf4_dequantize(
@@ -36,7 +38,8 @@ def nf4_dequantize(
         n *= d
     if n >= 2**31:
         raise ValueError(f"nf4_dequantize: shape {shape} has {n} >= 2^31 elements: wrong results were measured for such "
-                         "tensors on the H200 (2026-11-29, cause not found yet); dequantize per group of experts")
+                         "tensors on the H200 (2026-11-29); the int32 overflow found afterwards is fixed but not yet "
+                         "re-verified on a GPU: dequantize per group of experts")
     if n % 64 or packed.dtype != torch.uint8 or packed.numel() != n // 2 or absmax.numel() != n // 64:
         raise ValueError(f"nf4_dequantize: shape {shape} (n={n}, need n % 64 == 0), packed {packed.dtype} "
                          f"{packed.numel()} (need uint8 n/2), absmax {absmax.numel()} (need n/64)")
