@@ -97,9 +97,10 @@ def test_experts_forward_fp32_tight(family):
         assert rel_err(q(x, idx, w), reference_experts(q, x, idx, w)) <= REL_TOL[torch.float32], backend
 
 
-def test_full_model_matches_transformers_on_dequantized_weights():
-    """The swapped module inside the real model: logits == transformers' own experts on the dequantized weights."""
-    family = FUSED_FAMILIES[0]
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_full_model_matches_transformers_on_dequantized_weights(family):
+    """The swapped module inside the real model (the model's own router, shared experts, norms): logits ==
+    transformers' own experts implementation on the dequantized weights (fp32)."""
     m, d = _quantized(family, "nf4", torch.float32)
     ref_model = tiny(family, dtype=torch.float32)
     for q, ex in zip(d["experts"], zoo.describe(ref_model)["experts"]):
