@@ -64,7 +64,9 @@ def test_known_entries_follow_installed_versions():
 
 def test_known_entry_matching_by_name_node_and_family():
     k = next(k for k in load_matrix("default").known if k.match == "distributed_operation")
-    assert k.matches_check(name="qlora_adapter_from_impl_merges_onto_bf16_base", node_id="x", family=None, variant=None)
+    node = "tests/checks/test_layout.py::test_layout_roundtrip_from_pretrained[qwen3_moe-2i_eq_h]"
+    assert k.matches_check(name="layout", node_id=node, family="qwen3_moe", variant="2i_eq_h:roundtrip")
+    assert not k.matches_check(name="layout", node_id=node, family="gpt_oss", variant="2i_eq_h:roundtrip")
     assert not k.matches_check(name="save_reload_with_sidecar", node_id="x", family=None, variant=None)
     fam = Known(checks=("oracle_*",), reason="r", link="l", cells=("*",), families=("qwen3_moe*",))
     assert fam.matches_check(name="oracle_x", node_id="n", family="qwen3_moe", variant=None)
