@@ -44,6 +44,9 @@ from reference.lora import CONTIGUOUS_R, STRIDE_E, convert_adapter  # noqa: E402
 pytestmark = pytest.mark.upstream
 
 _V5 = int(transformers.__version__.split(".")[0]) >= 5
+# Loading a pre-quantized FP8 checkpoint on CPU dequantizes the experts in 5.24 (verified); in 5.0 they keep e4m3
+# storage and the forward raises "expected scalar type Float but found Float8_e4m3fn" (verified); between: unverified.
+_TF_CPU_FP8 = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
 EXPERT_PARAMS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 TOKENS = torch.arange(3, 3 + 2 * 9).reshape(2, 9) % zoo.VOCAB
 FP8_SQNR_DB = 20.0
@@ -400,6 +403,9 @@ def _fp8_setup(tmp_path, family, naming="weight_scale_inv", scale_shard=False, b
     return make_adapter(_load(dequant_dir(tmp_path / "fp8", tmp_path / "dense")), tmp_path / "ad", std=0.1)
 
 
+@pytest.mark.skipif(
+    not _TF_CPU_FP8, reason="transformers < 5.24 does not dequantize FP8 experts on CPU (see _TF_CPU_FP8)"
+)
 def test_fp8_fixture_is_what_transformers_loads(tmp_path):
     """transformers 5.24 dequantizes a pre-quantized FP8 checkpoint on CPU: it must equal `dequant_dir` (the FP8
     fixtures are real FP8 checkpoints). Both compute ``float(q)·S`` in fp32: equal up to fp32 summation order."""
@@ -462,7 +468,7 @@ def test_fp8_requant(tmp_path, naming, record_property):
     record_property("fp8_requant_logits_sqnr_db", round(sqnr, 2))
     assert sqnr >= FP8_SQNR_DB
     assert sqnr_db(ref, logits(_load(tmp_path / "dense"))) < sqnr - 6  # the merge matters more than the requant
-    if naming == "weight_scale_inv":
+    if naming == "weight_scale_inv" and _TF_CPU_FP8:
         assert rel_err(got, logits(_load(tmp_path / "out"))) <= 1e-6
 
 
