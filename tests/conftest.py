@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
 
+# Triton decides interpreter vs compiled mode when a kernel is decorated, i.e. when impl.ops is first imported —
+# which may be from any test module. Without a GPU the kernels can only run interpreted, so decide it here, before
+# any test module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
