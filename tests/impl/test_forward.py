@@ -27,7 +27,7 @@ from impl.forward import BACKENDS, Backend, _loop_linear, register_backend  # no
 from impl.loading import quantize_experts  # noqa: E402
 from impl.quant_experts import QuantizedExperts, QuantizedExpertsError  # noqa: E402
 from reference.layout import Orientation, peft_swaps  # noqa: E402
-from reference.lora import LoraFactors  # noqa: E402
+from reference.lora import LoraFactors, convert_adapter  # noqa: E402
 from tests.impl.moe_helpers import (  # noqa: E402
     F64,
     KINDS,
@@ -190,11 +190,31 @@ def test_lora_dense_equals_peft_own_path():
     m, _ = _quantized(family, "dense", torch.float32)
     pm = peft.get_peft_model(m, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_parameters=TARGETS))
     _randomize_lora_B(pm)
-    sd = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
+    sd = _lora_state_in_orientation_of(pm, plain)
     missing = plain.load_state_dict(sd, strict=False)
     assert not missing.unexpected_keys
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     assert rel_err(pm(ids).logits, plain(ids).logits) <= REL_TOL[torch.float32]
+
+
+def _lora_state_in_orientation_of(src, dst) -> dict[str, torch.Tensor]:
+    """src's LoRA state dict, each ParamWrapper's factors re-expressed (same ΔW) in dst's orientation.
+
+    The orientations can differ legitimately: on transformers 4.57 GPT-OSS has no ``is_transposed`` attribute, so PEFT
+    >= 0.19.1 swaps on the stock module, while QuantizedExperts states ``is_transposed=True`` and is not swapped.
+    """
+    dst_wrappers = {n: m for n, m in dst.named_modules() if isinstance(m, peft.tuners.lora.ParamWrapper)}
+    out = {}
+    for name, w in src.named_modules():
+        if not isinstance(w, peft.tuners.lora.ParamWrapper):
+            continue
+        d = dst_wrappers[name]
+        a, b = w.lora_A["default"].weight.detach(), w.lora_B["default"].weight.detach()
+        src_o = Orientation.SWAPPED if getattr(w, "_did_swap_in_out_features", False) else Orientation.STANDARD
+        dst_o = Orientation.SWAPPED if getattr(d, "_did_swap_in_out_features", False) else Orientation.STANDARD
+        a, b = convert_adapter(a, b, w.num_experts, src_orientation=src_o, dst_orientation=dst_o)
+        out[f"{name}.lora_A.default.weight"], out[f"{name}.lora_B.default.weight"] = a, b
+    return out
 
 
 def test_dequantized_weights_not_saved_for_backward():
