@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -100,16 +102,27 @@ def quantize_experts(model: nn.Module, cfg: QuantConfig, *, backend: str = "auto
         )
     report = QuantReport(cfg.kind)
     for path, m in targets:
-        report.bytes_before += storage_bytes(m)
-        report.weight_bytes_before += sum(getattr(m, n).numel() * getattr(m, n).element_size() for n in WEIGHT_NAMES)
-        q = QuantizedExperts(m, cfg, backend=backend)
-        parent, child = _parent(model, path)
-        setattr(parent, child, q)
-        report.modules.append(path)
-        report.bytes_after += storage_bytes(q)
-        report.weight_bytes_after += sum(q.storage(n).nbytes() for n in WEIGHT_NAMES)
+        _swap_in(model, path, m, partial(QuantizedExperts, m, cfg, backend=backend), report)
     guard_save(model)
     return report
+
+
+def _swap_in(model: nn.Module, path: str, original: nn.Module, make: Callable[[], QuantizedExperts],
+             report: QuantReport) -> None:  # fmt: skip
+    """Replace the experts module at ``path`` by ``make()`` (a QuantizedExperts) and account bytes in ``report``.
+
+    The original's bytes are read before ``make()`` runs, since building the quantized module may release them.
+    """
+    report.bytes_before += storage_bytes(original)
+    report.weight_bytes_before += sum(
+        getattr(original, n).numel() * getattr(original, n).element_size() for n in WEIGHT_NAMES
+    )
+    q = make()
+    parent, child = _parent(model, path)
+    setattr(parent, child, q)
+    report.modules.append(path)
+    report.bytes_after += storage_bytes(q)
+    report.weight_bytes_after += sum(q.storage(n).nbytes() for n in WEIGHT_NAMES)
 
 
 def bnb_config_for(model_or_config, cfg: NF4Config, extra_skip: tuple[str, ...] = ()):
@@ -194,15 +207,8 @@ def attach_fp8_experts(model: nn.Module, ckpt_dir, *, compute_dtype: torch.dtype
         blocks = {w.block for w in weights.values()}
         if len(blocks) != 1:
             raise QuantizedExpertsError(f"{path}: gate_up / down FP8 blocks differ: {sorted(blocks)}")
-        report.bytes_before += storage_bytes(m)
-        report.weight_bytes_before += sum(getattr(m, n).numel() * getattr(m, n).element_size() for n in WEIGHT_NAMES)
-        q = QuantizedExperts(m, FP8Config(block=blocks.pop(), compute_dtype=compute_dtype), backend=backend,
-                             weights=weights)  # fmt: skip
-        parent, child = _parent(model, path)
-        setattr(parent, child, q)
-        report.modules.append(path)
-        report.bytes_after += storage_bytes(q)
-        report.weight_bytes_after += sum(q.storage(n).nbytes() for n in WEIGHT_NAMES)
+        fp8 = FP8Config(block=blocks.pop(), compute_dtype=compute_dtype)
+        _swap_in(model, path, m, partial(QuantizedExperts, m, fp8, backend=backend, weights=weights), report)
     guard_save(model)
     return report
 

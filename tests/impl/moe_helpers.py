@@ -12,6 +12,8 @@ from reference import experts as ref_experts
 from reference.lora import LoraFactors
 
 KINDS = ("dense", "nf4", "fp8")
+# a family with fused 3-D experts in the installed transformers (4.57: only GPT-OSS)
+FUSED_FAMILY = "gpt_oss" if zoo.compat.expert_layout("qwen3_moe", zoo.installed_version()) == "module_list" else "qwen3_moe"
 F64 = torch.float64
 
 # Relative Frobenius-error bounds of impl (compute dtype) vs the float64 reference on the SAME (dequantized) weights.

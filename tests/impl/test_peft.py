@@ -19,7 +19,6 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from impl import zoo  # noqa: E402
 from impl.loading import quantize_experts  # noqa: E402
 from impl.peft_integration import (  # noqa: E402
     SIDECAR,
@@ -32,10 +31,10 @@ from impl.quant_experts import QuantizedExperts  # noqa: E402
 from reference import merge as ref_merge  # noqa: E402
 from reference import nf4 as ref_nf4  # noqa: E402
 from reference.layout import LayoutError, Orientation, parse_version, peft_swaps  # noqa: E402
-from tests.impl.moe_helpers import quant_config, rel_err, tiny  # noqa: E402
+from tests.impl.moe_helpers import FUSED_FAMILY, quant_config, rel_err, tiny  # noqa: E402
 
 pytestmark = pytest.mark.upstream
-FAMILY = "gpt_oss" if zoo.compat.expert_layout("qwen3_moe", zoo.installed_version()) == "module_list" else "qwen3_moe"
+FAMILY = FUSED_FAMILY
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 PROJ = torch.randn(2, 10, 128, generator=torch.Generator().manual_seed(1))

@@ -29,11 +29,10 @@ from impl.quant_experts import (  # noqa: E402
 )
 from reference import fp8 as ref_fp8  # noqa: E402
 from reference import nf4 as ref_nf4  # noqa: E402
-from tests.impl.moe_helpers import quant_config, tiny  # noqa: E402
+from tests.impl.moe_helpers import FUSED_FAMILY, quant_config, tiny  # noqa: E402
 
 pytestmark = pytest.mark.upstream
-# a family with fused 3-D experts in the installed transformers (4.57: only GPT-OSS)
-FAMILY = "gpt_oss" if zoo.compat.expert_layout("qwen3_moe", zoo.installed_version()) == "module_list" else "qwen3_moe"
+FAMILY = FUSED_FAMILY
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
