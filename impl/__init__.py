@@ -5,7 +5,8 @@ Public entry points (one per concern):
 - loading:  `load_model(source, cfg)` (checkpoint dir or in-memory model), `quantize_experts(model, cfg)`,
             `attach_fp8_experts(model, fp8_ckpt_dir)` (pre-quantized FP8 checkpoint, bit for bit),
             configs `NF4Config`, `FP8Config`, `DenseConfig`; `storage_bytes(module)` (real bytes);
-- forward:  `QuantizedExperts` (the module swapped in), `register_backend` / `Backend` (grouped GEMM backends);
+- forward:  `QuantizedExperts` (the module swapped in), `FP8Linear` (4.57 ModuleList FP8 experts),
+            `register_backend` / `Backend` (grouped GEMM backends);
 - PEFT:     `install_peft_hooks()` (done by `quantize_experts`), `save_adapter(peft_model, dir)`,
             `load_adapter(model, dir)` (``PeftModel.from_pretrained`` + ``moe_compat.json`` orientation check).
 
@@ -27,6 +28,8 @@ _EXPORTS = {
     "quantize_experts": "impl.loading",
     "attach_fp8_experts": "impl.loading",
     "QuantReport": "impl.loading",
+    "quantize_module_list_fp8": "impl.loading",
+    "FP8Linear": "impl.fp8_linear",
     "Backend": "impl.forward",
     "register_backend": "impl.forward",
     "experts_forward": "impl.forward",

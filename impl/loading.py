@@ -10,7 +10,9 @@
   (`bnb_config_for`), which turns every expert ``nn.Linear`` into ``bnb.nn.Linear4bit`` while keeping routers, the
   lm head and other listed modules in high precision. 4.57 replaces ``llm_int8_skip_modules``' defaults when a list is
   given, so ``lm_head`` is always included here; its matching is by child name / ``key + "."`` substring, so the
-  router names below never match ``gate_proj``.
+  router names below never match ``gate_proj``. FP8 (`quantize_module_list_fp8`): every routed expert ``nn.Linear``
+  becomes an `impl.fp8_linear.FP8Linear` (block-wise e4m3 codes + fp32 ``weight_scale_inv``, zero-storage ``weight``
+  carrier), so PEFT's ``target_modules`` LoRA wraps it as a ``lora.Linear``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 
 from impl import compat
 from impl.quant_experts import (
+    FP8,
     NF4,
     WEIGHT_NAMES,
     FP8Config,
@@ -37,6 +40,8 @@ from impl.quant_experts import (
 
 # Child names of routers / router-like gates that must stay high precision (4.57 substring/child-name semantics).
 ROUTER_SKIP = ("lm_head", "gate", "router", "shared_expert_gate")
+# Projection names of one routed expert in 4.57 ModuleList experts (Mixtral: w1 gate, w3 up, w2 down).
+EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
 
 
 @dataclass
@@ -148,8 +153,9 @@ def load_model(source, cfg: QuantConfig, *, backend: str = "auto", dtype: torch.
     - fused experts (5.x, GPT-OSS): ``from_pretrained(source, dtype=compute dtype)`` (or the given model), then
       `quantize_experts`. Returns ``(model, QuantReport)``.
     - 4.57 ModuleList experts with NF4: ``from_pretrained(source, quantization_config=bnb_config_for(...))``. An
-      in-memory model must be saved first (pass its directory). FP8 on ModuleList experts raises (not supported:
-      transformers' FP8Linear needs a GPU; use transformers 5.x).
+      in-memory model must be saved first (pass its directory). Returns ``(model, QuantReport("nf4"))`` (empty).
+    - 4.57 ModuleList experts with FP8 (directory or in-memory model): ``from_pretrained(source, dtype)``, then
+      `quantize_module_list_fp8` (each routed expert Linear becomes an `impl.fp8_linear.FP8Linear`).
     """
     import transformers
 
@@ -157,6 +163,8 @@ def load_model(source, cfg: QuantConfig, *, backend: str = "auto", dtype: torch.
     if isinstance(source, nn.Module):
         model = source
         if _is_module_list_moe(model) and not any(is_fused_experts(m) for m in model.modules()):
+            if cfg.kind == FP8:
+                return model, quantize_module_list_fp8(model, cfg)
             raise QuantizedExpertsError(
                 f"in-memory {type(model).__name__} has ModuleList experts (transformers "
                 f"{transformers.__version__}); save it and pass the directory so bitsandbytes quantizes at load"
@@ -165,10 +173,13 @@ def load_model(source, cfg: QuantConfig, *, backend: str = "auto", dtype: torch.
     config = transformers.AutoConfig.from_pretrained(source)
     family = compat.family_of_model_type(config.model_type)
     if compat.expert_layout(family, transformers.__version__) == "module_list":
+        if cfg.kind == FP8:
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+            return model, quantize_module_list_fp8(model, cfg)
         if cfg.kind != NF4:
             raise QuantizedExpertsError(
                 f"{cfg.kind} experts for {family} on transformers {transformers.__version__} (ModuleList experts) are "
-                "not supported: transformers' FP8Linear needs a GPU; use transformers >= 5.0"
+                "not supported: use NF4Config or FP8Config, or transformers >= 5.0"
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, quantization_config=bnb_config_for(config, cfg), **kwargs
@@ -176,6 +187,52 @@ def load_model(source, cfg: QuantConfig, *, backend: str = "auto", dtype: torch.
         return model, QuantReport(NF4)
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     return model, quantize_experts(model, cfg, backend=backend)
+
+
+def _routed_expert_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """``(path, Linear)`` of every routed expert's projection: children ``EXPERT_PROJ`` of the members of each
+    ``...experts`` ``nn.ModuleList`` (shared experts, routers and attention are not in such a list)."""
+    out = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.ModuleList) and name.rpartition(".")[2] == "experts"):
+            continue
+        for e, expert in enumerate(m):
+            projs = [(p, getattr(expert, p)) for p in EXPERT_PROJ if isinstance(getattr(expert, p, None), nn.Linear)]
+            if len(projs) != 3:
+                raise QuantizedExpertsError(
+                    f"{name}.{e} ({type(expert).__name__}) has projections {[p for p, _ in projs]}; expected 3 of "
+                    f"{EXPERT_PROJ} as nn.Linear"
+                )
+            out += [(f"{name}.{e}.{p}", lin) for p, lin in projs]
+    return out
+
+
+def quantize_module_list_fp8(model: nn.Module, cfg: FP8Config) -> QuantReport:
+    """Replace every routed expert Linear of a 4.57 ModuleList MoE by an `impl.fp8_linear.FP8Linear` (in place).
+
+    Routers, attention, shared experts and lm_head are untouched. Raises when no routed expert Linear exists or
+    PEFT adapters are already attached. Returns a `QuantReport` (weight bytes: bf16 weights vs e4m3 codes + scales).
+    """
+    from impl.fp8_linear import FP8Linear
+
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise QuantizedExpertsError("quantize the experts before attaching PEFT adapters (found lora layers)")
+    targets = _routed_expert_linears(model)
+    if not targets:
+        raise QuantizedExpertsError(f"{type(model).__name__} has no ModuleList routed experts to quantize to FP8")
+    report = QuantReport(FP8)
+    for path, lin in targets:
+        before = storage_bytes(lin)
+        report.bytes_before += before
+        report.weight_bytes_before += lin.weight.numel() * lin.weight.element_size()
+        q = FP8Linear.from_linear(lin, cfg.block, cfg.compute_dtype)
+        parent, child = _parent(model, path)
+        setattr(parent, child, q)
+        report.modules.append(path)
+        report.bytes_after += q.nbytes()
+        report.weight_bytes_after += q.q.nbytes + q.weight_scale_inv.nbytes
+    guard_save(model)
+    return report
 
 
 def attach_fp8_experts(model: nn.Module, ckpt_dir, *, compute_dtype: torch.dtype = torch.bfloat16,
@@ -214,5 +271,6 @@ def attach_fp8_experts(model: nn.Module, ckpt_dir, *, compute_dtype: torch.dtype
 
 
 __all__ = [
-    "QuantReport", "quantize_experts", "load_model", "attach_fp8_experts", "bnb_config_for", "FP8Config", "NF4Config",
+    "QuantReport", "quantize_experts", "quantize_module_list_fp8", "load_model", "attach_fp8_experts",
+    "bnb_config_for", "FP8Config", "NF4Config",
 ]  # fmt: skip

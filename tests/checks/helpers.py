@@ -3,7 +3,8 @@ training on the codename task, adapter save, merge, plain-transformers reload.
 
 Base kinds: ``bf16`` (the model as transformers builds it, experts bf16, PEFT's own ParamWrapper path), ``nf4`` and
 ``fp8`` (experts swapped for `impl.quant_experts.QuantizedExperts` by `impl.loading`; on transformers 4.57
-ModuleList experts NF4 comes from bitsandbytes ``Linear4bit`` via `impl.loading.load_model`, FP8 is unsupported there).
+ModuleList experts NF4 comes from bitsandbytes ``Linear4bit`` via `impl.loading.load_model`, FP8 from
+`impl.fp8_linear.FP8Linear` per routed expert Linear, also via `impl.loading.load_model`).
 Every kind starts from the same bf16 weights (same zoo seed) and the same LoRA init (torch seeded before
 ``get_peft_model``; the adapter shapes are the same for every kind).
 """
@@ -109,13 +110,13 @@ class Prepared:
 
 
 def unsupported_reason(family: str, kind: str) -> str | None:
-    """Why (family, kind) cannot run in this transformers, or None."""
-    layout = compat.expert_layout(family, zoo.installed_version())
-    if kind == "fp8" and layout == "module_list":
-        return (
-            f"FP8 experts for {family} on transformers {zoo.installed_version()} (ModuleList experts): impl.loading "
-            "refuses them (transformers' FP8Linear needs a GPU); fused FP8 experts need transformers >= 5.0"
-        )
+    """Why (family, kind) cannot run in this transformers, or None.
+
+    Every family x kind runs today (4.57 ModuleList FP8 through `impl.fp8_linear.FP8Linear`); the hook stays so a
+    future unsupported combination is a recorded note rather than an error.
+    """
+    if kind not in KINDS:
+        return f"unknown base kind {kind!r}; expected one of {KINDS}"
     return None
 
 
@@ -134,7 +135,8 @@ def prepare(family: str, kind: str, workdir: Path, variant: str = VARIANT, **ove
     cfg = quant_config(kind)
     rep = None
     if layout == "module_list":
-        model, _ = loading.load_model(str(bf16_dir), cfg, dtype=DTYPE)
+        model, rep = loading.load_model(str(bf16_dir), cfg, dtype=DTYPE)
+        rep = rep if kind == "fp8" else None  # the NF4 path's report is empty (bitsandbytes quantizes at load)
         disable_bnb_cpu_repack(model)
         model.eval()
     else:
@@ -181,10 +183,12 @@ def make_task():
 
 
 def write_fp8_checkpoint(model, bf16_dir: Path, dst: Path) -> None:
-    """A finegrained-FP8 checkpoint whose routed-expert weights are the live `QuantizedExperts` FP8 codes.
+    """A finegrained-FP8 checkpoint whose routed-expert weights are the live FP8 codes.
 
-    Layout as transformers 5.24 saves FP8 experts: per-expert fp8 weights under the bf16 checkpoint's keys and a fused
-    ``<prefix>.gate_up_proj_scale_inv`` / ``down_proj_scale_inv`` (fused-on-disk GPT-OSS: ``<key>_scale_inv``).
+    Fused `QuantizedExperts`: the layout transformers 5.24 saves FP8 experts in: per-expert fp8 weights under the bf16
+    checkpoint's keys and a fused ``<prefix>.gate_up_proj_scale_inv`` / ``down_proj_scale_inv`` (fused-on-disk
+    GPT-OSS: ``<key>_scale_inv``). 4.57 ModuleList experts (`FP8Linear`): the DeepSeek / transformers per-expert
+    format, ``...experts.{e}.<proj>.weight`` float8_e4m3fn + ``...experts.{e}.<proj>.weight_scale_inv`` fp32.
     Everything else is copied from ``bf16_dir``.
     """
     from safetensors.torch import save_file
@@ -192,11 +196,14 @@ def write_fp8_checkpoint(model, bf16_dir: Path, dst: Path) -> None:
     from impl.checkpoint import find_expert_groups, open_checkpoint
 
     tensors = _read_tensors(bf16_dir)
-    for g in find_expert_groups(open_checkpoint(bf16_dir)).values():
-        live = model.get_submodule(g.module_path)
-        if not isinstance(live, QuantizedExperts):
-            raise TypeError(f"{g.module_path} is {type(live).__name__}, not QuantizedExperts")
-        tensors.update(_fp8_group_tensors(g, live))
+    if layout_of(compat.family_of_model_type(model.config.model_type)) == "module_list":
+        tensors.update(_fp8_linear_tensors(model, tensors))
+    else:
+        for g in find_expert_groups(open_checkpoint(bf16_dir)).values():
+            live = model.get_submodule(g.module_path)
+            if not isinstance(live, QuantizedExperts):
+                raise TypeError(f"{g.module_path} is {type(live).__name__}, not QuantizedExperts")
+            tensors.update(_fp8_group_tensors(g, live))
     dst.mkdir(parents=True)
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"}
@@ -209,6 +216,23 @@ def write_fp8_checkpoint(model, bf16_dir: Path, dst: Path) -> None:
         "modules_to_not_convert": ["lm_head", "embed_tokens", "self_attn", "mlp.gate", "router", "shared_expert"],
     }
     (dst / "config.json").write_text(json.dumps(cfg))
+
+
+def _fp8_linear_tensors(model, bf16: dict) -> dict[str, torch.Tensor]:
+    """``<module>.weight`` e4m3 codes [out, in] and ``<module>.weight_scale_inv`` fp32 grids of every live `FP8Linear`
+    (keys as ``save_pretrained`` names the bf16 weights: ``...experts.{e}.<proj>``); each must replace a bf16 key."""
+    from impl.fp8_linear import FP8Linear
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            key = f"{name}.weight"
+            if key not in bf16 or tuple(bf16[key].shape) != tuple(m.q.shape):
+                raise KeyError(f"FP8Linear {name} {tuple(m.q.shape)} has no matching {key} in the bf16 checkpoint")
+            out[key], out[key + "_scale_inv"] = m.q, m.weight_scale_inv
+    if not out:
+        raise TypeError(f"{type(model).__name__} holds no FP8Linear experts")
+    return out
 
 
 def _fp8_group_tensors(g, live: QuantizedExperts) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@
 Bytes are the weight storage actually held: for `QuantizedExperts` the ``gate_up_proj``/``down_proj`` storage
 (`impl.quant_experts.storage_bytes`: packed codes + absmax, or e4m3 codes + scales); for bf16 fused experts the two 3-D
 parameters; for bitsandbytes ``Params4bit`` (transformers 4.57 ModuleList experts) the packed bytes plus the
-quant-state absmax. Biases (GPT-OSS, kept 16-bit), shared experts and dense MLPs are not counted.
+quant-state absmax; for `impl.fp8_linear.FP8Linear` (4.57 ModuleList FP8) the e4m3 codes plus fp32 scales (its
+``weight`` is a zero-storage carrier and is not counted at its logical size). Biases (GPT-OSS, kept 16-bit), shared
+experts and dense MLPs are not counted.
 
 Thresholds:
 - ``nf4_shrink >= 3.5`` on transformers 5.x (the requirement): NF4 is 0.5 byte/param plus one fp32 absmax per 64
@@ -39,8 +41,15 @@ MB = 1024 * 1024
 def _params4bit_bytes(module) -> int:
     import bitsandbytes as bnb
 
+    from impl.fp8_linear import FP8Linear
+
     total = 0
+    fp8 = [m for m in module.modules() if isinstance(m, FP8Linear)]
+    total += sum(m.q.nbytes + m.weight_scale_inv.nbytes for m in fp8)  # biases excluded, as for every kind
+    carriers = {id(m.weight) for m in fp8}
     for name, p in module.named_parameters():
+        if id(p) in carriers:
+            continue
         if not name.endswith("weight"):
             continue
         total += p.numel() * p.element_size()

@@ -1,7 +1,8 @@
 """loss_parity: LoRA SFT on the codename memorization task with bf16, NF4 and FP8 experts from the same initial
 weights, LoRA init and seed; the quantized loss curves must track bf16.
 
-Criteria (per family; a kind the cell cannot build is a recorded note, e.g. FP8 on 4.57 ModuleList experts):
+Criteria (per family; a kind the cell cannot build would be a recorded note: none today, 4.57 ModuleList FP8 runs
+through `impl.fp8_linear.FP8Linear`):
 
 - learned: ``final / initial <= LEARNED_RATIO`` for every kind. The initial loss is ~ln(V)+ (random base, 6.4–7.0
   nats measured); 0.1 means the model moved 90 % of the way to zero on continuations it can only know by memorizing

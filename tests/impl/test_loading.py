@@ -7,7 +7,14 @@
 - 4.57 (ModuleList experts): NF4 through transformers' BitsAndBytesConfig: every expert Linear is Linear4bit, the
   router gate / lm_head stay nn.Linear; the MoE block equals the float64 reference on the reference-dequantized
   weights (bf16 bound 2e-2, moe_helpers.REL_TOL); LoRA on the per-expert Linear4bit gets gradients exactly for routed
-  experts; FP8 on ModuleList experts raises (transformers' FP8Linear needs a GPU).
+  experts; an in-memory ModuleList model is refused for NF4 (bitsandbytes quantizes at load: save it first).
+- 4.57 (ModuleList experts), FP8: every routed expert Linear becomes an `impl.fp8_linear.FP8Linear` whose codes and
+  scales are exactly ``reference.fp8.quantize_fp8_block`` of the checkpoint weight (128x128 blocks; 16x16 on the
+  2I != H dims for partial ceil-grid edge blocks), routers / lm_head stay bf16 ``nn.Linear``; expert bytes are
+  e4m3 + fp32 scales (bf16 / FP8 >= 1.99 at 128x128: 2 / (1 + 4/16384)), `storage_bytes` counts them and not the
+  carrier's logical size; the MoE block equals the float64 reference on the dequantized weights (bf16 bound 2e-2,
+  moe_helpers.REL_TOL: FP8 changes only the weights, which the reference shares); LoRA gets gradients exactly for
+  routed experts; an in-memory ``merge_and_unload`` raises instead of writing into the carrier.
 """
 
 from __future__ import annotations
@@ -198,12 +205,106 @@ def test_module_list_nf4_lora_grads_per_routed_expert(tmp_path):
 
 
 @pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
-def test_module_list_fp8_and_in_memory_refused(tmp_path):
-    _saved(tmp_path)
-    with pytest.raises(QuantizedExpertsError, match="FP8Linear needs a GPU"):
-        load_model(str(tmp_path), FP8Config())
+def test_module_list_nf4_in_memory_refused():
     with pytest.raises(QuantizedExpertsError, match="save it and pass the directory"):
         load_model(tiny("qwen3_moe", dtype=BF16), NF4Config())
+
+
+# --- transformers 4.57: ModuleList experts, FP8 (impl.fp8_linear.FP8Linear) --------------------------------------
+
+# (family, zoo variant, block): 128x128 on dims that are multiples of 128; 16x16 on H=32, I=24 (partial edge blocks)
+FP8_CASES = [("qwen3_moe", "fp8", (128, 128)), ("mixtral", "2i_ne_h", (16, 16))]
+
+
+def _module_list_fp8(tmp_path, family="qwen3_moe", variant="fp8", block=(128, 128)):
+    src = _saved(tmp_path, family, variant)
+    model, rep = load_model(str(tmp_path), FP8Config(block=block, compute_dtype=BF16))
+    return src, model, rep
+
+
+def _projs(expert) -> tuple:
+    """(gate, up, down) of one ModuleList expert (Mixtral: w1, w3, w2)."""
+    if hasattr(expert, "w1"):
+        return expert.w1, expert.w3, expert.w2
+    return expert.gate_proj, expert.up_proj, expert.down_proj
+
+
+@pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
+def test_module_list_fp8_codes_routers_and_bytes(tmp_path, record_property):
+    from impl.fp8_linear import FP8Linear
+    from impl.quant_experts import storage_bytes
+    from reference import fp8 as ref_fp8
+
+    src, model, rep = _module_list_fp8(tmp_path)
+    d_src, d = zoo.describe(src), zoo.describe(model)
+    assert type(model.lm_head) is torch.nn.Linear
+    bf16_bytes = fp8_bytes = 0
+    for layer_src, layer in zip(d_src["layers"], d["layers"]):
+        assert type(layer.router) is torch.nn.Linear and layer.router.weight.dtype == BF16
+        for ex_src, ex in zip(layer_src.experts, layer.experts):
+            for lin_src, lin in zip(_projs(ex_src), _projs(ex)):
+                assert isinstance(lin, FP8Linear), type(lin)
+                q, s = ref_fp8.quantize_fp8_block(lin_src.weight.detach(), (128, 128))
+                assert torch.equal(lin.q.view(torch.uint8), q.view(torch.uint8))
+                assert torch.equal(lin.weight_scale_inv, s)
+                assert lin.weight.shape == lin_src.weight.shape and lin.weight.untyped_storage().nbytes() == 2
+                assert storage_bytes(lin) == lin.q.nbytes + lin.weight_scale_inv.nbytes + 2  # + the carrier's element
+                assert "weight" not in lin.state_dict()
+                bf16_bytes += lin_src.weight.nbytes
+                fp8_bytes += lin.q.nbytes + lin.weight_scale_inv.nbytes
+    assert (rep.weight_bytes_before, rep.weight_bytes_after) == (bf16_bytes, fp8_bytes)
+    record_property("expert_bytes_bf16", bf16_bytes)
+    record_property("expert_bytes_fp8", fp8_bytes)
+    assert bf16_bytes / fp8_bytes >= 1.99
+
+
+@pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
+@pytest.mark.parametrize("family,variant,block", FP8_CASES)
+def test_module_list_fp8_block_matches_reference(tmp_path, record_property, family, variant, block):
+    _, model, _ = _module_list_fp8(tmp_path, family, variant, block)
+    d = zoo.describe(model)
+    layer = d["layers"][0]
+    weights = [[lin.dequantize(torch.float32) for lin in _projs(e)] for e in layer.experts]
+    gate, up, down = (list(w) for w in zip(*weights))
+    x = torch.randn(1, 12, d["H"], generator=torch.Generator().manual_seed(4)).to(BF16)
+    with torch.no_grad():
+        out, logits = layer.block(x)
+    w, idx = ref_routing.softmax_topk(logits.to(torch.float64), d["k"], renormalize=d["router"]["renormalize"])
+    ref = ref_experts.module_list_experts(
+        x.reshape(-1, d["H"]).to(torch.float64), idx, w, gate, up, down, act=d["act"], compute_dtype=torch.float64
+    )
+    err = rel_err(out.reshape(-1, d["H"]), ref)
+    record_property("fp8_vs_reference_rel_err", err)
+    assert err <= REL_TOL[BF16]
+
+
+@pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
+def test_module_list_fp8_lora_grads_per_routed_expert_and_merge_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    from impl.fp8_linear import FP8Linear
+
+    _, model, _ = _module_list_fp8(tmp_path)
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj)")
+    )
+    layer = zoo.describe(pm.base_model.model)["layers"][0]
+    assert all(isinstance(lin.base_layer, FP8Linear) for e in layer.experts for lin in _projs(e))
+    hits = set()
+    handle = layer.block.gate.register_forward_hook(
+        lambda mod, args, out: hits.update(torch.topk(out.float().softmax(-1), 2, -1).indices.reshape(-1).tolist())
+    )
+    logits = pm(IDS).logits  # a random projection of all logits: every routed token influences the loss
+    (logits.float() * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    handle.remove()
+    assert hits, "no expert was routed"
+    for e, expert in enumerate(layer.experts):
+        for lin in _projs(expert):
+            g = lin.lora_B["default"].weight.grad
+            got = g is not None and bool(g.abs().sum() > 0)
+            assert got == (e in hits), (e, sorted(hits))
+            assert lin.base_layer.q.grad is None and not lin.base_layer.weight.requires_grad
+    with pytest.raises(QuantizedExpertsError, match="cannot merge LoRA into an FP8Linear base"):
+        pm.merge_and_unload()
 
 
 @pytest.mark.skipif(MODULE_LIST, reason=f"transformers {V} has ModuleList experts")
