@@ -11,8 +11,8 @@ forward(x [..., in]) -> [..., out] = ``F.linear(x, dequantize_fp8(q, scale_inv, 
 dequantized weight is a fresh tensor per call (never cached, never trainable).
 
 Merging a LoRA adapter into an FP8Linear base in memory is not supported: PEFT's ``lora.Linear.merge`` would add the
-delta to the carrier. `install` makes ``lora.Linear.merge`` raise `QuantizedExpertsError` naming the module for an
-FP8Linear base. Merge on disk instead (`impl.merge.merge_adapter`, which dequantizes / requantizes FP8 checkpoints).
+delta to the carrier. `impl.peft_integration.install` makes ``lora.Linear.merge`` raise `QuantizedExpertsError`
+naming the module for an FP8Linear base. Merge on disk instead (`impl.merge.merge_adapter`, which dequantizes / requantizes FP8 checkpoints).
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impl.quant_experts import QuantizedExpertsError, _carrier
+from impl.quant_experts import _carrier
 from reference import fp8 as ref_fp8
-
-_MARK = "_moe_compat_fp8_linear_guard"
 
 
 class FP8Linear(nn.Linear):
@@ -50,7 +48,9 @@ class FP8Linear(nn.Linear):
         self.weight = _carrier(torch.Size((out_f, in_f)), compute_dtype, q.device)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
         self.register_state_dict_post_hook(_drop_carrier)
-        install()
+        from impl.peft_integration import install
+
+        install()  # PEFT's lora.Linear.merge must refuse this base (no-op without PEFT)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block: tuple[int, int], compute_dtype: torch.dtype) -> FP8Linear:
@@ -92,32 +92,4 @@ def _drop_carrier(module, state_dict, prefix, local_metadata):
     state_dict.pop(prefix + "weight", None)
 
 
-def install() -> bool:
-    """Make ``peft.tuners.lora.layer.Linear.merge`` raise for an FP8Linear base (idempotent; False without PEFT)."""
-    try:
-        from peft.tuners.lora import layer as lora_layer
-    except ModuleNotFoundError:
-        return False
-    lin = lora_layer.Linear
-    if getattr(lin.merge, _MARK, False):
-        return True
-    orig_merge = lin.merge
-
-    def merge(self, safe_merge: bool = False, adapter_names=None):
-        base = self.get_base_layer()
-        if isinstance(base, FP8Linear):
-            raise QuantizedExpertsError(
-                f"cannot merge LoRA into an FP8Linear base in memory ({base.extra_repr()}): its weight is a "
-                "zero-storage carrier over e4m3 codes. Save the adapter and merge on disk with "
-                "impl.merge.merge_adapter (moe-compat-merge), which dequantizes and requantizes the FP8 weights"
-            )
-        return orig_merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
-
-    setattr(merge, _MARK, True)
-    merge.__wrapped__ = orig_merge
-    merge.__doc__ = orig_merge.__doc__
-    lin.merge = merge
-    return True
-
-
-__all__ = ["FP8Linear", "install"]
+__all__ = ["FP8Linear"]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from impl.forward import LoraSpec
+from impl.fp8_linear import FP8Linear
 from impl.quant_experts import (
     DENSE,
     FP8,
@@ -57,7 +58,10 @@ def _peft_version() -> str:
 
 
 def install() -> bool:
-    """Wrap ``peft.tuners.lora.layer.ParamWrapper.{forward, merge, unmerge}`` (idempotent).
+    """Wrap ``peft.tuners.lora.layer.ParamWrapper.{forward, merge, unmerge}`` and ``lora.Linear.merge`` (idempotent).
+
+    The ParamWrapper hooks route QuantizedExperts through impl's LoRA path; the ``lora.Linear.merge`` hook refuses an
+    in-memory merge into an `FP8Linear` base (its weight is a zero-storage carrier over e4m3 codes).
 
     Returns False when PEFT is not installed (nothing can wrap the experts then), True otherwise.
     """
@@ -85,12 +89,26 @@ def install() -> bool:
             return orig_unmerge(self)
         return _unmerge(self)
 
-    for name, fn, orig in (("forward", forward, orig_forward), ("merge", merge, orig_merge),
-                           ("unmerge", unmerge, orig_unmerge)):  # fmt: skip
+    lin = lora_layer.Linear
+    orig_linear_merge = lin.merge
+
+    def linear_merge(self, safe_merge: bool = False, adapter_names=None):
+        base = self.get_base_layer()
+        if isinstance(base, FP8Linear):
+            raise QuantizedExpertsError(
+                f"cannot merge LoRA into an FP8Linear base in memory ({base.extra_repr()}): its weight is a "
+                "zero-storage carrier over e4m3 codes. Save the adapter and merge on disk with "
+                "impl.merge.merge_adapter (moe-compat-merge), which dequantizes and requantizes the FP8 weights"
+            )
+        return orig_linear_merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    for cls, name, fn, orig in ((pw, "forward", forward, orig_forward), (pw, "merge", merge, orig_merge),
+                                (pw, "unmerge", unmerge, orig_unmerge),
+                                (lin, "merge", linear_merge, orig_linear_merge)):  # fmt: skip
         setattr(fn, _MARK, True)
         fn.__wrapped__ = orig
         fn.__doc__ = orig.__doc__
-        setattr(pw, name, fn)
+        setattr(cls, name, fn)
     return True
 
 
