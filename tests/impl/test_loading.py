@@ -183,6 +183,18 @@ def test_module_list_nf4_block_matches_reference(tmp_path):
     assert rel_err(out.reshape(-1, d["H"]), ref) <= REL_TOL[BF16]
 
 
+def _routed_experts_after_backward(pm, layer) -> set[int]:
+    """Run forward + backward of a random projection of the logits; return the experts layer 0's router picked (top-2)."""
+    hits: set[int] = set()
+    handle = layer.block.gate.register_forward_hook(
+        lambda mod, args, out: hits.update(torch.topk(out.float().softmax(-1), 2, -1).indices.reshape(-1).tolist())
+    )
+    logits = pm(IDS).logits  # a random projection of all logits: every routed token influences the loss
+    (logits.float() * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    handle.remove()
+    return hits
+
+
 @pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
 def test_module_list_nf4_lora_grads_per_routed_expert(tmp_path):
     peft = pytest.importorskip("peft")
@@ -191,13 +203,7 @@ def test_module_list_nf4_lora_grads_per_routed_expert(tmp_path):
         model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"])
     )
     layer = zoo.describe(pm.base_model.model)["layers"][0]
-    hits = set()
-    handle = layer.block.gate.register_forward_hook(
-        lambda mod, args, out: hits.update(torch.topk(out.float().softmax(-1), 2, -1).indices.reshape(-1).tolist())
-    )
-    logits = pm(IDS).logits  # a random projection of all logits: every routed token influences the loss
-    (logits.float() * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
-    handle.remove()
+    hits = _routed_experts_after_backward(pm, layer)
     for e, expert in enumerate(layer.experts):
         g = expert.down_proj.lora_B["default"].weight.grad
         got = g is not None and bool(g.abs().sum() > 0)
@@ -289,13 +295,7 @@ def test_module_list_fp8_lora_grads_per_routed_expert_and_merge_refused(tmp_path
     )
     layer = zoo.describe(pm.base_model.model)["layers"][0]
     assert all(isinstance(lin.base_layer, FP8Linear) for e in layer.experts for lin in _projs(e))
-    hits = set()
-    handle = layer.block.gate.register_forward_hook(
-        lambda mod, args, out: hits.update(torch.topk(out.float().softmax(-1), 2, -1).indices.reshape(-1).tolist())
-    )
-    logits = pm(IDS).logits  # a random projection of all logits: every routed token influences the loss
-    (logits.float() * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
-    handle.remove()
+    hits = _routed_experts_after_backward(pm, layer)
     assert hits, "no expert was routed"
     for e, expert in enumerate(layer.experts):
         for lin in _projs(expert):
