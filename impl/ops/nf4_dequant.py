@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from impl.ops import grouped_gemm as _gg
+
 
 @triton.jit
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, NBYTES, BLOCK_BYTES: tl.constexpr):
@@ -36,7 +38,7 @@ def nf4_dequantize(
     n = 1
     for d in shape:
         n *= d
-    if n >= 2**31:
+    if n >= _gg.NF4_MAX_NUMEL:
         raise ValueError(f"nf4_dequantize: shape {shape} has {n} >= 2^31 elements: wrong results were measured for such "
                          "tensors on the H200 (2026-11-29); the int32 overflow found afterwards is fixed but not yet "
                          "re-verified on a GPU: dequantize per group of experts")
