@@ -13,7 +13,6 @@ split, stage B the best tiles with K splits at every token count. Used once to p
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -80,11 +79,10 @@ def main(argv=None):
             w = torch.randn(E, R, C, device=DEV, dtype=torch.bfloat16) * 0.02
             projs[name] = (w, quantize_nf4_experts(w))
         tokens = [int(t) for t in args.tokens.split(",")]
-        stage_a = [DecodeConfig(16, bn, bk, 1, deq, pf, nw, 1)
-                   for (bn, bk, nw), (deq, pf) in itertools.product(
-                       ((32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8)),
-                       ((0, 0), (0, 1), (1, 1)))]
-        stage_a += [DecodeConfig(16, 64, 128, 1, 0, 1, 4, 2), DecodeConfig(32, 64, 128, 1, 0, 1, 4, 1)]
+        fma = [DecodeConfig(bm, bn, bk, 1, 0, pf, nw, 1, MMA=0) for bm, bn, bk, nw, pf in (
+            (4, 32, 64, 4, 0), (4, 32, 64, 4, 1), (4, 64, 64, 4, 0), (8, 32, 64, 4, 0), (4, 32, 128, 4, 0),
+            (8, 64, 64, 8, 0), (2, 64, 64, 4, 0), (4, 64, 128, 8, 0), (16, 32, 64, 8, 0))]
+        stage_a = fma + [DecodeConfig(16, 64, 128, 1, 0, 0, 4, 1)]  # the best tensor-core config of the first sweep
         best: dict[str, list[DecodeConfig]] = {}
         for T in sorted(tokens, key=lambda t: -t):
             logits = torch.randn(T, E, device=DEV)
@@ -105,9 +103,11 @@ def main(argv=None):
                     cands = stage_a
                 else:
                     cands = []
-                    for c in best.get(name, [])[:2]:
+                    top = best.get(name, [])[:3] + [fma[6]]
+                    for c in dict.fromkeys(top):
                         for sp in (1, 2, 4, 8):
-                            cands.append(DecodeConfig(c.BM, c.BN, c.BK, sp, c.DEQ, c.PREFETCH, c.num_warps, c.num_stages))
+                            cands.append(DecodeConfig(c.BM, c.BN, c.BK, sp, c.DEQ, c.PREFETCH, c.num_warps,
+                                                      c.num_stages, c.MMA))
                     cands.append(default_decode_config(T * K, E, R, C))
                 timed = []
                 for cfg in cands:

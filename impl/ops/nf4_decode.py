@@ -41,6 +41,7 @@ class DecodeConfig:
     PREFETCH: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    MMA: int = 1  # 1: tensor-core dot (swap-AB, BM >= 16); 0: CUDA-core FMA (any BM, fp32 weights, no shared memory)
 
 
 _PAIR_CACHE: dict[tuple, torch.Tensor] = {}
@@ -89,7 +90,7 @@ def _nf4_decode_kernel(
     E, R, C, K_ITERS: tl.constexpr,
     HAS_LORA: tl.constexpr, RANK_P: tl.constexpr, E_P2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-    DEQ: tl.constexpr, PREFETCH: tl.constexpr, DOT_FP32: tl.constexpr,
+    DEQ: tl.constexpr, PREFETCH: tl.constexpr, DOT_FP32: tl.constexpr, MMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -124,7 +125,10 @@ def _nf4_decode_kernel(
 
     byte = tl.load(packed_ptr + row_byte[:, None] + (k_lo // 2 + kb)[None, :],
                    mask=nmask[:, None] & ((k_lo // 2 + kb) < C // 2)[None, :], other=0)
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    if MMA:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for i in range(K_ITERS):
         k0 = k_lo + i * BK
         if PREFETCH:
@@ -136,16 +140,24 @@ def _nf4_decode_kernel(
                            mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0)
         am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
                      mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
-        xt = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + kx)[:, None] * stride_xk,
-                     mask=mmask[None, :] & ((k0 + kx) < C)[:, None], other=0.0)  # [BK, BM]
         w = _dequant(byte.to(tl.int32), am, code_ptr, pair_ptr, BN, BK, DEQ)
-        if DOT_FP32:
-            acc += tl.dot(w, xt.to(tl.float32))
-        else:
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
+        if MMA:
+            xt = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + kx)[:, None] * stride_xk,
+                         mask=mmask[None, :] & ((k0 + kx) < C)[:, None], other=0.0)  # [BK, BM]
+            if DOT_FP32:
+                acc += tl.dot(w, xt.to(tl.float32))
+            else:
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
+        else:  # [BM, BN, BK] products reduced over K: every weight element is used BM times from registers
+            xk = tl.load(x_ptr + rm64[:, None] * stride_xm + (k0 + kx)[None, :] * stride_xk,
+                         mask=mmask[:, None] & ((k0 + kx) < C)[None, :], other=0.0).to(tl.float32)  # [BM, BK]
+            acc += tl.sum(w[None, :, :] * xk[:, None, :], axis=2)
         if PREFETCH:
             byte = nxt
-    out = tl.trans(acc)  # [BM, BN]
+    if MMA:
+        out = tl.trans(acc)  # [BM, BN]
+    else:
+        out = acc
     if HAS_LORA:
         if pid_k == 0:
             rr = tl.arange(0, RANK_P)
@@ -154,7 +166,9 @@ def _nf4_decode_kernel(
                          mask=mmask[:, None] & rmask[None, :], other=0.0)
             lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + rn[None, :] * stride_lbn,
                          mask=rmask[:, None] & nmask[None, :], other=0.0)
-            if DOT_FP32:
+            if not MMA:
+                out += lora_scale * tl.sum(la.to(tl.float32)[:, :, None] * lb.to(tl.float32)[None, :, :], axis=1)
+            elif DOT_FP32:
                 out += lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32))
             else:
                 out = tl.dot(la, (lb.to(tl.float32) * lora_scale).to(la.dtype), out)
@@ -189,7 +203,7 @@ def default_decode_config(rows: int, num_experts: int, R: int, C: int) -> Decode
     split = 1
     while programs * split < 4 * 132 and split * 2 <= k_tiles and split < 16:
         split *= 2
-    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.DEQ, cfg.PREFETCH, cfg.num_warps, cfg.num_stages)
+    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.DEQ, cfg.PREFETCH, cfg.num_warps, cfg.num_stages, cfg.MMA)
 
 
 def nf4_decode_mm(
@@ -218,8 +232,8 @@ def nf4_decode_mm(
                          f"on {offsets.device}")
     S = x.shape[0]
     cfg = config or default_decode_config(S, E, R, C)
-    if cfg.BK % NF4_BLOCK or cfg.BM < 16 or cfg.BN < 16:
-        raise ValueError(f"decode config {cfg}: need BK % 64 == 0, BM >= 16, BN >= 16")
+    if cfg.BK % NF4_BLOCK or (cfg.MMA and (cfg.BM < 16 or cfg.BN < 16)):
+        raise ValueError(f"decode config {cfg}: need BK % 64 == 0 (and BM >= 16, BN >= 16 for the tensor-core dot)")
     if dot_fp32 is None:
         dot_fp32 = interpret_mode()
     if out is None:
@@ -262,7 +276,7 @@ def nf4_decode_mm(
         float(lora_scale), r,
         E, R, C, K_ITERS=k_iters,
         HAS_LORA=lora_in is not None, RANK_P=rank_p, E_P2=max(16, _next_pow2(E)),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DEQ=cfg.DEQ, PREFETCH=cfg.PREFETCH, DOT_FP32=dot_fp32,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DEQ=cfg.DEQ, PREFETCH=cfg.PREFETCH, DOT_FP32=dot_fp32, MMA=cfg.MMA,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:

@@ -67,6 +67,8 @@ def test_pair_table_holds_both_nibbles():
     DecodeConfig(BM=16, BN=32, BK=64, SPLIT=1, DEQ=1, PREFETCH=1),
     DecodeConfig(BM=16, BN=64, BK=128, SPLIT=2, DEQ=0, PREFETCH=1),  # 5 K tiles of 64 over 3 splits of 2 iterations
     DecodeConfig(BM=32, BN=16, BK=64, SPLIT=3, DEQ=1, PREFETCH=1),
+    DecodeConfig(BM=4, BN=32, BK=64, SPLIT=1, DEQ=0, PREFETCH=1, MMA=0),  # FMA path: 19 rows = 5 tiles of 4
+    DecodeConfig(BM=8, BN=16, BK=128, SPLIT=2, DEQ=1, PREFETCH=0, MMA=0),
 ])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_decode_matches_reference(cfg, double_quant):
@@ -82,8 +84,8 @@ def test_nf4_decode_matches_reference(cfg, double_quant):
     assert torch.isnan(out[n:]).all()
 
 
-@pytest.mark.parametrize("split", [1, 4])
-def test_nf4_decode_lora_epilogue(split):
+@pytest.mark.parametrize("split,mma", [(1, 1), (4, 1), (2, 0)])
+def test_nf4_decode_lora_epilogue(split, mma):
     torch.manual_seed(8)
     E, R, C, r, s = len(COUNTS), 48, 256, 5, 0.75
     gw, wd = nf4_weight(E, R, C, False)
@@ -91,7 +93,7 @@ def test_nf4_decode_lora_epilogue(split):
     n = int(offs[-1])
     x, la, lb = torch.randn(n, C), torch.randn(n, r), torch.randn(E, r, R)
     out = nf4_decode_mm(x, gw, offs, lora_in=la, lora_out=lb, lora_scale=s,
-                        config=DecodeConfig(BM=16, BN=16, BK=64, SPLIT=split))
+                        config=DecodeConfig(BM=16 if mma else 4, BN=16, BK=64, SPLIT=split, MMA=mma))
     assert rel(out, loop_ref(x, wd, offs, la, lb, s)) < CPU_TOL
 
 
