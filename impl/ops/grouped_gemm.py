@@ -288,14 +288,16 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_
 def _e4m3_round_emulated(v, INTERP: tl.constexpr = True):
     """Round fp32 ``v`` (|v| <= 448) to the e4m3 grid in fp32, round-to-nearest-even, so the following cast to e4m3 is
     exact. Needed on the GPU too: Triton's fp32 -> e4m3 cast rounds twice (through fp16: 30.999998 -> 31 -> 32, the
-    reference gives 30), which changed 0.11 % of the activation codes (H200, 2026-11-29). The interpreter (no libdevice)
-    rounds ties away from zero instead; its own cast is also wrong when the mantissa rounds up (126.2 -> 64)."""
+    reference gives 30), which changed 0.11 % of the activation codes (H200, 2026-11-29). The interpreter has no
+    libdevice rint: round-half-even is built from floor (|t| < 16, so t + 0.5 is exact); its own cast is also wrong
+    when the mantissa rounds up (126.2 -> 64)."""
     bits = v.to(tl.int32, bitcast=True)
     ex = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # floor(log2 |v|), subnormal range clamped to 2^-6
     step = ((ex - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(ex-3): 3 mantissa bits
     t = v / step  # exact: a power of two
     if INTERP:
         r = tl.floor(t + 0.5)
+        r = tl.where((r - t == 0.5) & (tl.floor(r * 0.5) * 2.0 != r), r - 1.0, r)  # a tie rounded to odd: to even
     else:
         r = libdevice.rint(t)
     return r * step
