@@ -6,7 +6,15 @@ Problem (rows already sorted by expert; ``offsets`` = int32 cumulative END offse
     trans:      y[m, :] = x[m, :] @ W_e        x [S, R] -> y [S, C]     (input gradient of the same layer)
 
 for ``offsets[e-1] <= m < offsets[e]``, plus an optional fused LoRA epilogue
-``y[m, :] += lora_scale * la[m, :] @ lb_e`` with ``la [S, r]`` and ``lb [E, r, out]``.
+``y[m, :] += lora_scale * la[m, :] @ lb_e`` with ``la [S, r]`` and ``lb [E, r, out]``, where ``la`` is either
+
+- given (``lora_in``; the unfused path: a separate narrow launch computed it, reading x a second time), or
+- computed in the same K loop (``lora_down`` D ``[E, K, r]``): ``la = x @ D_e`` accumulated in fp32 from the x tiles
+  the base product already loaded (the rank padded to RANK_P >= 16 with masks), rounded to x's dtype before the
+  epilogue (what the unfused path stores and loads) and stored to ``lora_mid`` by the N-tile-0 programs. Each N tile
+  recomputes it: r/BN extra tensor-core work (6 % at BN = 256) instead of a second read of x. Not for nf4 swap-AB
+  tiles nor pre-quantized fp8 x (`lora_unfusable_reason`); `grouped_lora_mm` picks the path by that rule and by
+  ``MOE_OPS_LORA_FUSED`` (default "1"; "0" = unfused, for A/B runs).
 
 Weight formats (`GroupedWeight`):
 
@@ -195,14 +203,18 @@ def _nf4_tile_kmajor(packed_ptr, absmax_ptr, code_ptr, e_base, k0, rn, nmask, C,
 
 
 @triton.jit
-def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_ptr, stride_we, stride_wr, stride_wc,
+def _k_loop(acc, xa, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
+            w_ptr, stride_we, stride_wr, stride_wc,
             s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
+            ld_ptr, stride_lde, stride_ldk, stride_ldr, rr, rmask,
             R, C, KRED, K_END,
             WFMT: tl.constexpr, TRANS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
-            NF4_MODE: tl.constexpr, X_FP8: tl.constexpr, SELECT: tl.constexpr):
-    """The reduction loop over [0, K_END) (K_END == KRED; a Python int under the interpreter).
+            NF4_MODE: tl.constexpr, X_FP8: tl.constexpr, SELECT: tl.constexpr, LORA_FUSED: tl.constexpr):
+    """The reduction loop over [0, K_END) (K_END == KRED; a Python int under the interpreter). Returns (acc, xa).
 
-    acc is [BM, BN], except for NF4_MODE == 2 (swap-AB, not trans): acc is [BN, BM] = W_tile @ x_tile.T."""
+    acc is [BM, BN], except for NF4_MODE == 2 (swap-AB, not trans): acc is [BN, BM] = W_tile @ x_tile.T.
+    LORA_FUSED: also ``xa [BM, RANK_P] += x_tile @ D_e[k-tile, :]`` from the same x tile (D = ld, element (k, j) of
+    expert e at ``e*stride_lde + k*stride_ldk + j*stride_ldr``); not for swap-AB or pre-quantized fp8 x."""
     for k0 in range(0, K_END, BK):
         rk = k0 + tl.arange(0, BK)
         kmask = rk < KRED
@@ -212,6 +224,13 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_
         else:
             a = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
                         mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if LORA_FUSED:
+                d = tl.load(ld_ptr + e64 * stride_lde + rk[:, None] * stride_ldk + rr[None, :] * stride_ldr,
+                            mask=kmask[:, None] & rmask[None, :], other=0.0)  # [BK, RANK_P]
+                if DOT_FP32:
+                    xa += tl.dot(a.to(tl.float32), d.to(tl.float32))
+                else:
+                    xa = tl.dot(a, d.to(a.dtype), xa)
         if WFMT == 0:
             if TRANS:  # element (k, n) = W[e, k, n]
                 b = tl.load(w_ptr + e64 * stride_we + rk[:, None] * stride_wr + rn[None, :] * stride_wc,
@@ -281,7 +300,7 @@ def _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk, w_
             else:
                 part = tl.dot(aq, b)
             acc += part * xs[:, None] * ws[None, :]
-    return acc
+    return acc, xa
 
 
 @triton.jit
@@ -314,9 +333,10 @@ def _grouped_gemm_kernel(
     offs_ptr,
     la_ptr, stride_lam, stride_lar,
     lb_ptr, stride_lbe, stride_lbr, stride_lbn,
+    ld_ptr, stride_lde, stride_ldk, stride_ldr,
     lora_scale, RANK,
     E, R, C, NOUT, KRED, K_LOOP: tl.constexpr,
-    WFMT: tl.constexpr, TRANS: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr,
+    WFMT: tl.constexpr, TRANS: tl.constexpr, HAS_LORA: tl.constexpr, LORA_FUSED: tl.constexpr, RANK_P: tl.constexpr,
     E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
     NF4_MODE: tl.constexpr, X_FP8: tl.constexpr, NF4_SELECT: tl.constexpr,
 ):
@@ -347,23 +367,33 @@ def _grouped_gemm_kernel(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+    rr = tl.arange(0, RANK_P)
+    rmask = rr < RANK
+    xa = tl.zeros((BM, RANK_P), dtype=tl.float32)  # the fused LoRA's x @ D_e (unused unless LORA_FUSED)
     if K_LOOP > 0:  # interpreter: a Python-int loop bound (it cannot loop over a runtime scalar)
-        acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
-                      w_ptr, stride_we, stride_wr, stride_wc,
-                      s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
-                      R, C, KRED, K_LOOP, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8, NF4_SELECT)
+        acc, xa = _k_loop(acc, xa, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
+                          w_ptr, stride_we, stride_wr, stride_wc,
+                          s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
+                          ld_ptr, stride_lde, stride_ldk, stride_ldr, rr, rmask,
+                          R, C, KRED, K_LOOP, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8, NF4_SELECT, LORA_FUSED)
     else:
-        acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
-                      w_ptr, stride_we, stride_wr, stride_wc,
-                      s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
-                      R, C, KRED, KRED, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8, NF4_SELECT)
+        acc, xa = _k_loop(acc, xa, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk,
+                          w_ptr, stride_we, stride_wr, stride_wc,
+                          s_ptr, stride_se, stride_sr, stride_sc, code_ptr, e64, rm64, mmask, rn, nmask, pid_n,
+                          ld_ptr, stride_lde, stride_ldk, stride_ldr, rr, rmask,
+                          R, C, KRED, KRED, WFMT, TRANS, BN, BK, DOT_FP32, NF4_MODE, X_FP8, NF4_SELECT, LORA_FUSED)
     if SWAP:
         acc = tl.trans(acc)
     if HAS_LORA:
-        rr = tl.arange(0, RANK_P)
-        rmask = rr < RANK
-        la = tl.load(la_ptr + rm64[:, None] * stride_lam + rr[None, :] * stride_lar,
-                     mask=mmask[:, None] & rmask[None, :], other=0.0)
+        if LORA_FUSED:
+            # rounded to the stored dtype BEFORE the epilogue: the same xa the unfused path loads, and the one the
+            # backward's dB uses. Every N tile computed the same xa; the pid_n == 0 programs store it.
+            la = xa.to(la_ptr.dtype.element_ty)
+            tl.store(la_ptr + rm64[:, None] * stride_lam + rr[None, :] * stride_lar, la,
+                     mask=mmask[:, None] & rmask[None, :] & (pid_n == 0))
+        else:
+            la = tl.load(la_ptr + rm64[:, None] * stride_lam + rr[None, :] * stride_lar,
+                         mask=mmask[:, None] & rmask[None, :], other=0.0)
         lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + rn[None, :] * stride_lbn,
                      mask=rmask[:, None] & nmask[None, :], other=0.0)
         if DOT_FP32:
@@ -449,6 +479,38 @@ def default_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int
     return TileConfig(128, 256, 64, 8, 3)
 
 
+def launch_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int, has_lora: bool,
+                  config: TileConfig | None = None) -> TileConfig:
+    """The tile config a launch uses: ``config`` if given, else `default_config` with BN capped for a LoRA epilogue."""
+    if config is not None:
+        return config
+    cfg = default_config(fmt, trans, rows, num_experts, nout)
+    max_bn = int(os.environ.get("MOE_OPS_LORA_MAX_BN", "256"))
+    if has_lora and cfg.BN > max_bn:
+        # a LoRA epilogue with a separate fp32 result spilled registers at 128x256 tiles (4.6x slower at 16k tokens);
+        # accumulating in place, 256 measured best (Qwen3 16k fwd_bwd: 7355 vs 7770 us at 128, 2026-11-29)
+        cfg = TileConfig(cfg.BM, max_bn, cfg.BK, cfg.num_warps, cfg.num_stages, cfg.nf4_mode, cfg.nf4_select)
+    return cfg
+
+
+def uses_act_prequant(weight: GroupedWeight, rows: int, act_prequant: bool | None) -> bool:
+    """Whether an fp8_block launch quantizes x in a separate pass (the kernel then reads e4m3 codes, not x)."""
+    if weight.fmt != FMT_FP8 or rows == 0:
+        return False
+    if act_prequant is None:
+        return rows / max(1, weight.num_experts) > 16
+    return bool(act_prequant)
+
+
+def lora_unfusable_reason(weight: GroupedWeight, trans: bool, cfg: TileConfig, x_prequant: bool) -> str | None:
+    """Why the LoRA down-projection cannot run inside this base launch's K loop (None: it can)."""
+    if x_prequant:
+        return "fp8_block with pre-quantized activations (act_prequant): the kernel reads e4m3 codes, not x"
+    if weight.fmt == FMT_NF4 and cfg.nf4_mode == 2 and not trans:
+        return "nf4 swap-AB tiles (nf4_mode 2): the x tile is loaded transposed"
+    return None
+
+
 def grouped_mm(
     x: torch.Tensor,
     weight: GroupedWeight,
@@ -458,6 +520,8 @@ def grouped_mm(
     lora_in: torch.Tensor | None = None,
     lora_out: torch.Tensor | None = None,
     lora_scale: float = 1.0,
+    lora_down: torch.Tensor | None = None,
+    lora_mid: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: TileConfig | None = None,
     dot_fp32: bool | None = None,
@@ -466,7 +530,14 @@ def grouped_mm(
     """Grouped ``x @ W_e.T`` (``trans=False``: x [S, C] -> [S, R]) or ``x @ W_e`` (``trans=True``: x [S, R] -> [S, C]).
 
     offsets: int32 [E] END offsets on x's device (``offsets[-1] <= S``; rows past it are left unwritten).
-    lora_in [S, r] and lora_out [E, r, out] (any strides) add ``lora_scale * lora_in[m] @ lora_out[e]`` to each row.
+    LoRA epilogue ``y[m] += lora_scale * mid[m] @ lora_out[e]`` with lora_out [E, r, out] (any strides), where
+
+    - unfused: ``mid = lora_in`` [S, r], given;
+    - fused (``lora_down`` [E, K, r], any strides; ``lora_mid`` [S, r] in x's dtype, written): ``mid = x @ lora_down[e]``
+      accumulated in fp32 in the base K loop from the same x tiles, rounded to x's dtype, stored into ``lora_mid``
+      and used in the epilogue (so exactly what the unfused path would load). Raises where `lora_unfusable_reason`
+      says the launch cannot fuse (use `grouped_lora_mm`, which picks the unfused path by that rule).
+
     Output dtype: x's dtype (bf16/fp16/fp32). ``dot_fp32`` defaults to True under TRITON_INTERPRET=1.
     fp8_block: ``act_prequant`` quantizes x (1x128) in a separate pass first (default: when the mean rows per expert
     exceed 16, where quantizing in every N tile would cost more than one extra pass over x).
@@ -486,12 +557,9 @@ def grouped_mm(
         raise TypeError(f"x dtype {x.dtype} not supported (bf16/fp16/fp32)")
     if dot_fp32 is None:
         dot_fp32 = interpret_mode()
-    cfg = config or default_config(weight.fmt, trans, S, E, nout)
-    max_bn = int(os.environ.get("MOE_OPS_LORA_MAX_BN", "256"))
-    if config is None and lora_in is not None and cfg.BN > max_bn:
-        # a LoRA epilogue with a separate fp32 result spilled registers at 128x256 tiles (4.6x slower at 16k tokens);
-        # accumulating in place, 256 measured best (Qwen3 16k fwd_bwd: 7355 vs 7770 us at 128, 2026-11-29)
-        cfg = TileConfig(cfg.BM, max_bn, cfg.BK, cfg.num_warps, cfg.num_stages, cfg.nf4_mode, cfg.nf4_select)
+    fused = lora_down is not None
+    has_lora = lora_in is not None or fused
+    cfg = launch_config(weight.fmt, trans, S, E, nout, has_lora, config)
     if weight.fmt == FMT_FP8 and cfg.BK != FP8_BLOCK:
         raise ValueError(f"fp8_block needs BK == 128, got {cfg}")
     if weight.fmt == FMT_NF4:
@@ -502,16 +570,33 @@ def grouped_mm(
         out = torch.empty((S, nout), dtype=x.dtype, device=x.device)
     elif out.shape != (S, nout):
         raise ValueError(f"out shape {tuple(out.shape)} != {(S, nout)}")
-    has_lora = lora_in is not None
+    x_fp8 = uses_act_prequant(weight, S, act_prequant)
+    ld = x.new_empty((1, 1, 1))
     if has_lora:
         if lora_out is None:
-            raise ValueError("lora_in given without lora_out")
-        r = lora_in.shape[1]
-        if lora_in.shape != (S, r) or lora_out.shape != (E, r, nout):
-            raise ValueError(f"lora_in {tuple(lora_in.shape)} / lora_out {tuple(lora_out.shape)} do not match "
+            raise ValueError("LoRA epilogue without lora_out")
+        if fused:
+            if lora_in is not None:
+                raise ValueError("pass lora_in (unfused) or lora_down + lora_mid (fused), not both")
+            if lora_mid is None:
+                raise ValueError("lora_down needs lora_mid, the [S, r] output buffer of x @ lora_down[e]")
+            r = lora_down.shape[-1]
+            if lora_down.shape != (E, kred, r) or lora_mid.shape != (S, r) or lora_mid.dtype != x.dtype:
+                raise ValueError(f"lora_down {tuple(lora_down.shape)} / lora_mid {tuple(lora_mid.shape)} "
+                                 f"{lora_mid.dtype} do not match E={E}, K={kred}, S={S}, x dtype {x.dtype}")
+            why = lora_unfusable_reason(weight, trans, cfg, x_fp8)
+            if why is not None:
+                raise ValueError(f"fused LoRA not supported for weight {weight.fmt} {weight.shape}, x "
+                                 f"{tuple(x.shape)}, trans={trans}, {cfg}: {why}")
+            la, ld = lora_mid, lora_down
+        else:
+            la = lora_in
+            r = la.shape[1]
+        if la.shape != (S, r) or lora_out.shape != (E, r, nout):
+            raise ValueError(f"LoRA mid {tuple(la.shape)} / lora_out {tuple(lora_out.shape)} do not match "
                              f"S={S}, E={E}, out={nout}")
         rank_p = max(16, _next_pow2(r))
-        la, lb = lora_in, lora_out
+        lb = lora_out
     else:
         r, rank_p = 0, 16
         la, lb = x, x.new_empty((1, 1, 1))
@@ -530,14 +615,9 @@ def grouped_mm(
         s_t, code = x.new_empty(1, dtype=torch.float32), x.new_empty(1, dtype=torch.float32)
     xs_t, xss = x.new_empty(1, dtype=torch.float32), (0, 0)
     x_in = x
-    x_fp8 = False
-    if weight.fmt == FMT_FP8:
-        if act_prequant is None:
-            act_prequant = S / max(1, E) > 16
-        if act_prequant and S:
-            x_in, xs_t = quantize_act_1x128(x)
-            xss = xs_t.stride()
-            x_fp8 = True
+    if x_fp8:
+        x_in, xs_t = quantize_act_1x128(x)
+        xss = xs_t.stride()
     if S == 0:
         return out
     grid = (triton.cdiv(nout, cfg.BN), triton.cdiv(S, cfg.BM) + E)
@@ -551,11 +631,69 @@ def grouped_mm(
         offsets,
         la, la.stride(0), la.stride(1),
         lb, lb.stride(0), lb.stride(1), lb.stride(2),
+        ld, ld.stride(0), ld.stride(1), ld.stride(2),
         float(lora_scale), r,
         E, R, C, nout, kred, kred if interpret_mode() else 0,
-        WFMT=_FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, RANK_P=rank_p,
+        WFMT=_FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, LORA_FUSED=fused, RANK_P=rank_p,
         E_P2=max(16, _next_pow2(E)), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_FP32=dot_fp32,
         NF4_MODE=cfg.nf4_mode, X_FP8=x_fp8, NF4_SELECT=bool(cfg.nf4_select),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def lora_fused_default() -> bool:
+    """``MOE_OPS_LORA_FUSED`` (read at every call, so one process can A/B both): "1" (default) fused, "0" unfused."""
+    v = os.environ.get("MOE_OPS_LORA_FUSED", "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"MOE_OPS_LORA_FUSED must be '0' or '1', got {v!r}")
+    return v == "1"
+
+
+def lora_path(x: torch.Tensor, weight: GroupedWeight, *, trans: bool = False, fused: bool | None = None,
+              config: TileConfig | None = None, act_prequant: bool | None = None) -> str:
+    """"fused" or "unfused: <why>": the path `grouped_lora_mm` takes for these arguments."""
+    if not (lora_fused_default() if fused is None else fused):
+        return "unfused: requested (fused=False / MOE_OPS_LORA_FUSED=0)"
+    E, R, C = weight.shape
+    S = x.shape[0]
+    cfg = launch_config(weight.fmt, trans, S, E, C if trans else R, True, config)
+    why = lora_unfusable_reason(weight, trans, cfg, uses_act_prequant(weight, S, act_prequant))
+    return "fused" if why is None else f"unfused: {why}"
+
+
+def grouped_lora_mm(
+    x: torch.Tensor,
+    weight: GroupedWeight,
+    offsets: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    lora_scale: float,
+    *,
+    trans: bool = False,
+    fused: bool | None = None,
+    config: TileConfig | None = None,
+    dot_fp32: bool | None = None,
+    act_prequant: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, mid)`` with ``mid = x @ D_e`` [S, r] (x's dtype) and ``y = base(x) + lora_scale * mid @ U_e``.
+
+    base(x) as `grouped_mm` (``x @ W_e.T``, or ``x @ W_e`` when trans); ``lora_down`` D [E, K, r], ``lora_up``
+    U [E, r, out] (any strides). Forward of a LoRA layer: D_e = A_e.T, U_e = B_e.T, mid = xa; its input gradient
+    (trans): D_e = B_e, U_e = A_e, mid = dy @ B_e.
+
+    fused (default `lora_fused_default`, env ``MOE_OPS_LORA_FUSED``): ONE launch, mid accumulated in the base K loop.
+    Where `lora_unfusable_reason` names a reason (pre-quantized fp8 x, nf4 swap-AB), or fused=False, two launches:
+    ``mid = grouped_mm(x, D.T)`` (a second read of x), then the base GEMM with the epilogue loading mid.
+    """
+    path = lora_path(x, weight, trans=trans, fused=fused, config=config, act_prequant=act_prequant)
+    if path == "fused":
+        mid = torch.empty((x.shape[0], lora_down.shape[-1]), dtype=x.dtype, device=x.device)
+        y = grouped_mm(x, weight, offsets, trans=trans, lora_down=lora_down, lora_mid=mid, lora_out=lora_up,
+                       lora_scale=lora_scale, config=config, dot_fp32=dot_fp32, act_prequant=act_prequant)
+    else:
+        d_t = lora_down.transpose(1, 2)
+        mid = grouped_mm(x, GroupedWeight(FMT_BF16, tuple(d_t.shape), d_t), offsets, dot_fp32=dot_fp32)
+        y = grouped_mm(x, weight, offsets, trans=trans, lora_in=mid, lora_out=lora_up, lora_scale=lora_scale,
+                       config=config, dot_fp32=dot_fp32, act_prequant=act_prequant)
+    return y, mid

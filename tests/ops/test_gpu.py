@@ -1,7 +1,8 @@
 """GPU checks of the Triton kernels at real Qwen3-30B-A3B expert shapes (H 2048, I 768, E 128, top-8), against fp32
 torch computations on the SAME quantized values (`reference/` formats). Run on the lent H200 only (marker ``gpu``).
 
-Bounds (relative Frobenius norm): 1e-2 for every bf16-operand kernel (bf16 operands and bf16 output; typical 2-4e-3),
+Bounds (relative Frobenius norm): 1e-2 for every bf16-operand kernel (bf16 operands and bf16 output; typical 2-4e-3;
+the fused-LoRA launches included, against fp32 and against the unfused launches),
 1e-2 for fp8_block (the activation codes equal `reference.fp8.quantize_act_groups`; the rest is the tensor cores' fp8
 accumulation and the bf16 output), 1e-2 for row-wise `torch._scaled_grouped_mm` vs the reference dequantized product.
 """
@@ -21,7 +22,15 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 from impl.ops.baselines import torch_grouped_linear  # noqa: E402
 from impl.ops.combine import combine  # noqa: E402
 from impl.ops.fp8_rowwise import fp8_rowwise_grouped_mm, quantize_weight_rowwise  # noqa: E402
-from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, TileConfig, grouped_mm, quantize_act_1x128  # noqa: E402
+from impl.ops.grouped_gemm import (  # noqa: E402
+    FMT_BF16,
+    GroupedWeight,
+    TileConfig,
+    grouped_lora_mm,
+    grouped_mm,
+    lora_path,
+    quantize_act_1x128,
+)
 from impl.ops.grouped_lora import grouped_linear  # noqa: E402
 from impl.ops.moe_layer import moe_layer, sort_pairs  # noqa: E402
 from impl.ops.nf4_dequant import nf4_dequantize  # noqa: E402
@@ -151,10 +160,15 @@ def test_nf4_dequantize_matches_reference_on_gpu():
 
 @pytest.mark.parametrize("fmt,policy", [("bf16", "auto"), ("nf4", "fused"), ("nf4", "dequant")])
 @pytest.mark.parametrize("r", [16, 5])
-def test_grouped_linear_lora_real_shapes(weights, fmt, policy, r):
+@pytest.mark.parametrize("T", [4, 300, 4096])  # decode, mid and prefill tiles (4096: bf16 128x256, the 16k-bench tile)
+@pytest.mark.parametrize("fused", [True, False])  # LoRA down-projections in the base K loops, or separate launches
+def test_grouped_linear_lora_real_shapes(weights, fmt, policy, r, T, fused):
     gw = weights[fmt][0]
     _, R, C = gw.shape
-    _, idx = routing(300, seed=r)
+    if fused:  # not silently unfused: every bf16/nf4 launch of this layer fuses
+        xq = torch.empty(T * K, C, device=DEV, dtype=torch.bfloat16)
+        assert lora_path(xq, gw, fused=True) == lora_path(xq[:, :R], gw, trans=True, fused=True) == "fused"
+    _, idx = routing(T, seed=r)
     idx[idx == E - 1] = 0  # expert E-1 gets no rows
     _, _, offs = sort_pairs(idx, E)
     S = idx.numel()
@@ -164,7 +178,7 @@ def test_grouped_linear_lora_real_shapes(weights, fmt, policy, r):
     B = (torch.randn(R, r * E, device=DEV) * 0.02).requires_grad_(True)
     dy = torch.randn(S, R, device=DEV, dtype=torch.bfloat16)
     xk = x.clone().requires_grad_(True)
-    y = grouped_linear(xk, gw, offs, A, B, s, nf4_policy=policy)
+    y = grouped_linear(xk, gw, offs, A, B, s, nf4_policy=policy, lora_fused=fused)
     gx, gA, gB = torch.autograd.grad(y, (xk, A, B), dy)
 
     wd = dense_of(gw)
@@ -184,6 +198,45 @@ def test_grouped_linear_lora_real_shapes(weights, fmt, policy, r):
     assert rel(gA, rA) < TOL
     assert rel(gB, rB) < TOL
     assert torch.equal(gA.view(E, r, C)[E - 1], torch.zeros_like(gA.view(E, r, C)[E - 1]))
+
+
+# (fmt, proj, T, trans, config, expected path): the fused tile forms at Qwen3 shapes, and the two that unfuse by rule
+FUSED_TILES = [("bf16", 0, 4096, False, None, "fused"), ("bf16", 1, 4096, True, None, "fused"),
+               ("bf16", 1, 4, False, None, "fused"), ("bf16", 0, 4, True, None, "fused"),
+               ("nf4", 0, 300, False, TileConfig(64, 64, 64, 4, 1, 0), "fused"),
+               ("nf4", 1, 300, False, TileConfig(64, 64, 64, 4, 1, 1), "fused"),
+               ("nf4", 0, 4096, False, TileConfig(128, 128, 64, 8, 3, 1), "fused"),
+               ("nf4", 0, 300, True, None, "fused"), ("nf4", 1, 4096, True, None, "fused"),
+               ("nf4", 0, 4, False, TileConfig(16, 128, 64, 4, 1, 2), "unfused: nf4 swap-AB"),
+               ("fp8_block", 0, 4, False, None, "fused"), ("fp8_block", 1, 4, True, None, "fused"),
+               ("fp8_block", 0, 4096, False, None, "unfused: fp8_block with pre-quantized")]
+
+
+@pytest.mark.parametrize("fmt,proj,T,trans,cfg,path", FUSED_TILES)
+def test_grouped_lora_mm_fused_real_shapes(weights, fmt, proj, T, trans, cfg, path):
+    """y = base(x) + s·mid @ U_e and the stored mid = x @ D_e (r = 16) against fp32 torch, fused and unfused (TOL)."""
+    gw = weights[fmt][proj]
+    _, R, C = gw.shape
+    _, idx = routing(T, seed=21)
+    _, _, offs = sort_pairs(idx, E)
+    S = T * K
+    kdim, nout = (R, C) if trans else (C, R)
+    r, s = 16, 2.0
+    x = torch.randn(S, kdim, device=DEV, dtype=torch.bfloat16)
+    d = (torch.randn(E, r, kdim, device=DEV) * 0.02).to(torch.bfloat16).transpose(1, 2)
+    u = (torch.randn(E, nout, r, device=DEV) * 0.02).to(torch.bfloat16).transpose(1, 2)
+    assert lora_path(x, gw, trans=trans, fused=True, config=cfg).startswith(path)
+    y, mid = grouped_lora_mm(x, gw, offs, d, u, s, trans=trans, fused=True, config=cfg)
+    yu, midu = grouped_lora_mm(x, gw, offs, d, u, s, trans=trans, fused=False, config=cfg)
+    mid32 = loop(x, d.float().transpose(1, 2), offs, False)
+    xb = x
+    if fmt == "fp8_block":
+        xq, xs = rfp8.quantize_act_groups(x, 128)
+        xb = rfp8.dequantize_fp8(xq, xs, (1, 128), torch.float32)
+    y32 = loop(xb, dense_of(gw), offs, trans) + s * loop(mid32, u.float(), offs, True)
+    assert rel(mid, mid32) < TOL and rel(midu, mid32) < TOL
+    assert rel(y, y32) < TOL and rel(yu, y32) < TOL
+    assert rel(y, yu) < TOL
 
 
 def test_baseline_lora_matches_triton(weights):

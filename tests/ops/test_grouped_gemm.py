@@ -33,7 +33,9 @@ from impl.ops.grouped_gemm import (  # noqa: E402
     FMT_NF4,
     GroupedWeight,
     TileConfig,
+    grouped_lora_mm,
     grouped_mm,
+    lora_path,
     quantize_act_1x128,
 )
 from impl.ops.grouped_lora import grouped_linear  # noqa: E402
@@ -233,6 +235,161 @@ def test_grouped_linear_lora_fwd_bwd(fmt, policy):
     assert rel(xk.grad, x64.grad) < CPU_TOL
     assert rel(Ak.grad, A64.grad) < CPU_TOL
     assert rel(Bk.grad, B64.grad) < CPU_TOL
+
+
+def _lora_factors(E: int, K: int, r: int, nout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """D [E, K, r] (x @ D_e = the rank-space activation) and U [E, r, out], as non-contiguous views (any strides)."""
+    return (torch.randn(E, r, K) * 0.3).transpose(1, 2), (torch.randn(E, nout, r) * 0.3).transpose(1, 2)
+
+
+def _mid_ref(x: torch.Tensor, d: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return loop_ref(x, d.transpose(1, 2), offs, False)  # x_e @ D_e in float64
+
+
+# fused LoRA launches: every weight format and tile form that fuses (nf4 swap-AB and pre-quantized fp8 do not).
+# (fmt, trans, config); R = 80 / C = 192 give 2-6 N tiles, so xa/dyb is recomputed per N tile and stored by N tile 0.
+FUSED_CASES = [(FMT_BF16, False, TileConfig(16, 32, 32)), (FMT_BF16, True, TileConfig(16, 32, 32)),
+               (FMT_NF4, False, TileConfig(16, 32, 64, nf4_mode=0)), (FMT_NF4, False, TileConfig(16, 32, 64, nf4_mode=1)),
+               (FMT_NF4, True, TileConfig(16, 64, 32)), (FMT_FP8, False, TileConfig(16, 64, 128)),
+               (FMT_FP8, True, TileConfig(16, 64, 128))]
+
+
+@pytest.mark.parametrize("fmt,trans,cfg", FUSED_CASES)
+@pytest.mark.parametrize("r", [1, 5, 16, 24])
+def test_fused_lora_grouped_mm(fmt, trans, cfg, r):
+    """One launch: y = base(x) + s·mid @ U_e with mid = x @ D_e accumulated in the base K loop, and mid stored.
+
+    Bounds: CPU_TOL (1e-5; fp32 dots; measured <= 3e-7) for y and mid vs float64; fp8 y FP8_CPU_TOL (1e-4: the base's
+    activation codes; the LoRA part uses the unquantized x, as the unfused path). Fused vs the unfused two-launch path
+    (`grouped_lora_mm(fused=False)`, same tiles): CPU_TOL (only the fp32 summation order of mid differs)."""
+    torch.manual_seed(20 + r)
+    E, R, C, s = len(COUNTS), 80, 192, 0.75
+    if fmt == FMT_NF4:
+        gw, wd = nf4_weight(E, R, C)
+    elif fmt == FMT_FP8:
+        gw, wd = fp8_weight(E, R, C)
+    else:
+        wd = torch.randn(E, R, C).double()
+        gw = GroupedWeight(FMT_BF16, (E, R, C), wd.float())
+    offs = offsets_of(COUNTS)
+    n = int(offs[-1])
+    S = n + 3  # rows past offsets[-1]: neither y nor mid is written
+    K, nout = (R, C) if trans else (C, R)
+    x = torch.randn(S, K)
+    d, u = _lora_factors(E, K, r, nout)
+    mid, y = torch.full((S, r), float("nan")), torch.full((S, nout), float("nan"))
+    grouped_mm(x, gw, offs, trans=trans, lora_down=d, lora_mid=mid, lora_out=u, lora_scale=s, out=y, config=cfg,
+               act_prequant=False)
+    xb = x
+    if fmt == FMT_FP8:
+        xq, xsc = rfp8.quantize_act_groups(x, 128)
+        xb = rfp8.dequantize_fp8(xq, xsc, (1, 128), torch.float64)
+    mid64 = _mid_ref(x, d, offs)
+    y64 = loop_ref(xb, wd, offs, trans) + s * loop_ref(mid64, u, offs, True)
+    assert torch.isnan(mid[n:]).all() and torch.isnan(y[n:]).all()
+    assert rel(mid[:n], mid64) < CPU_TOL
+    assert rel(y[:n], y64) < (FP8_CPU_TOL if fmt == FMT_FP8 else CPU_TOL)
+    yu, midu = grouped_lora_mm(x, gw, offs, d, u, s, trans=trans, fused=False, config=cfg, act_prequant=False)
+    assert rel(mid[:n], midu[:n]) < CPU_TOL
+    assert rel(y[:n], yu[:n]) < CPU_TOL
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_fused_lora_bf16_activations_round_mid(trans):
+    """bf16 x: mid is rounded to bf16 BEFORE the epilogue in both paths (the stored xa / dyb is what the epilogue
+    used). Bounds: mid vs float64 rounded to bf16 and y vs float64 built from that mid: 1e-2 (bf16 output; measured
+    ~2e-3); fused vs unfused: 1e-2 (a few mid elements differ by one bf16 ulp from the fp32 summation order)."""
+    torch.manual_seed(30)
+    E, R, C, r, s = len(COUNTS), 80, 64, 5, 0.5
+    w = torch.randn(E, R, C).to(torch.bfloat16)
+    gw = GroupedWeight(FMT_BF16, (E, R, C), w)
+    offs = offsets_of(COUNTS)
+    K, nout = (R, C) if trans else (C, R)
+    x = torch.randn(int(offs[-1]), K).to(torch.bfloat16)
+    d, u = (t.to(torch.bfloat16) for t in _lora_factors(E, K, r, nout))
+    cfg = TileConfig(16, 32, 32)
+    y, mid = grouped_lora_mm(x, gw, offs, d, u, s, trans=trans, fused=True, config=cfg)
+    assert mid.dtype == torch.bfloat16
+    mid64 = _mid_ref(x, d, offs).to(torch.bfloat16).double()
+    assert rel(mid, mid64) < 1e-2
+    assert rel(y, loop_ref(x, w, offs, trans) + s * loop_ref(mid64, u, offs, True)) < 1e-2
+    yu, midu = grouped_lora_mm(x, gw, offs, d, u, s, trans=trans, fused=False, config=cfg)
+    assert rel(mid, midu) < 1e-2 and rel(y, yu) < 1e-2
+
+
+def test_fused_lora_unfusable_cases_take_the_unfused_path_by_rule(monkeypatch):
+    """nf4 swap-AB (nf4_mode 2) and pre-quantized fp8 x cannot fuse: grouped_mm raises naming the shapes;
+    grouped_lora_mm takes the two-launch path explicitly (lora_path says why) and is still correct (CPU_TOL / FP8)."""
+    torch.manual_seed(31)
+    E, R, C, r, s = len(COUNTS), 72, 128, 5, 0.5
+    offs = offsets_of(COUNTS)
+    x = torch.randn(int(offs[-1]), C)
+    d, u = _lora_factors(E, C, r, R)
+    mid = torch.empty(x.shape[0], r)
+    gw4, wd4 = nf4_weight(E, R, C)
+    gw8, wd8 = fp8_weight(E, R, C)
+    swap = TileConfig(16, 64, 64, nf4_mode=2)
+    with pytest.raises(ValueError, match=r"\(6, 72, 128\).*swap-AB"):
+        grouped_mm(x, gw4, offs, lora_down=d, lora_mid=mid, lora_out=u, config=swap)
+    with pytest.raises(ValueError, match=r"\(36, 128\).*pre-quantized"):
+        grouped_mm(x, gw8, offs, lora_down=d, lora_mid=mid, lora_out=u, config=TileConfig(16, 64, 128),
+                   act_prequant=True)
+    assert lora_path(x, gw4, config=swap).startswith("unfused: nf4 swap-AB")
+    assert lora_path(x, gw8, act_prequant=True).startswith("unfused: fp8_block with pre-quantized")
+    assert lora_path(x, gw8, act_prequant=False) == "fused"
+    mid64 = _mid_ref(x, d, offs)
+    lora64 = s * loop_ref(mid64, u, offs, True)
+    y, m = grouped_lora_mm(x, gw4, offs, d, u, s, fused=True, config=swap)
+    assert rel(m, mid64) < CPU_TOL and rel(y, loop_ref(x, wd4, offs, False) + lora64) < CPU_TOL
+    y, m = grouped_lora_mm(x, gw8, offs, d, u, s, fused=True, config=TileConfig(16, 64, 128), act_prequant=True)
+    xq, xsc = rfp8.quantize_act_groups(x, 128)
+    xd = rfp8.dequantize_fp8(xq, xsc, (1, 128), torch.float64)
+    assert rel(m, mid64) < CPU_TOL and rel(y, loop_ref(xd, wd8, offs, False) + lora64) < FP8_CPU_TOL
+    # the A/B switch: read at every call
+    gw = GroupedWeight(FMT_BF16, (E, R, C), torch.randn(E, R, C))
+    assert lora_path(x, gw) == "fused"
+    monkeypatch.setenv("MOE_OPS_LORA_FUSED", "0")
+    assert lora_path(x, gw).startswith("unfused: requested")
+    assert lora_path(x, gw, fused=True) == "fused"
+    monkeypatch.setenv("MOE_OPS_LORA_FUSED", "yes")
+    with pytest.raises(ValueError, match="MOE_OPS_LORA_FUSED"):
+        lora_path(x, gw)
+
+
+@pytest.mark.parametrize("fmt", [FMT_BF16, FMT_NF4])
+@pytest.mark.parametrize("r", [1, 5, 16, 24])
+def test_grouped_linear_lora_fused_vs_unfused(fmt, r):
+    """y, dx, dA, dB of the fused launches (xa in the forward K loop, dyb in the dX K loop) and of the unfused ones,
+    each against float64 autograd (CPU_TOL, 1e-5; measured <= 4e-7), and fused against unfused (CPU_TOL)."""
+    torch.manual_seed(40 + r)
+    E, R, C, s = len(COUNTS), 72, 128, 0.75
+    if fmt == FMT_NF4:
+        gw, wd = nf4_weight(E, R, C)
+    else:
+        wd = torch.randn(E, R, C).double()
+        gw = GroupedWeight(FMT_BF16, (E, R, C), wd.float())
+    offs = offsets_of(COUNTS)
+    S = int(offs[-1])
+    A, B = _peft_factors(E, r, R, C)
+    x, dy = torch.randn(S, C), torch.randn(S, R)
+    assert lora_path(x, gw, fused=True) == lora_path(dy, gw, trans=True, fused=True) == "fused"
+
+    x64, A64, B64 = (t.double().requires_grad_(True) for t in (x, A, B))
+    y64 = loop_ref(x64, wd, offs, False) + lora_forward_delta(
+        x64, A64, B64, None, E, s, orientation=Orientation.SWAPPED, expert_layout="fused_linear", convention=STRIDE_E,
+        offsets=offs)
+    y64.backward(dy.double())
+    ref = (y64, x64.grad, A64.grad, B64.grad)
+    got = {}
+    for fused in (True, False):
+        xk, Ak, Bk = (t.clone().requires_grad_(True) for t in (x, A, B))
+        y = grouped_linear(xk, gw, offs, Ak, Bk, s, nf4_policy="fused", lora_fused=fused)
+        y.backward(dy)
+        got[fused] = (y, xk.grad, Ak.grad, Bk.grad)
+        for name, g, g64 in zip(("y", "dx", "dA", "dB"), got[fused], ref):
+            assert rel(g, g64) < CPU_TOL, (fused, name)
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got[True], got[False]):
+        assert rel(a, b) < CPU_TOL, name
 
 
 @pytest.mark.parametrize("w_grad", [False, True])
