@@ -69,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--out", default="")
     ap.add_argument("--models", default="qwen3_30b_a3b")
     ap.add_argument("--tokens", default="1,16,64")
+    ap.add_argument("--set", default="deq", choices=["fma", "deq"], help="stage-A candidates: FMA tiles, or code "
+                    "lookups / no-interleave (DEQ 0, 2, 3) with diagnostics (_diag 1: no lookup, 2: no dot)")
     args = ap.parse_args(argv)
     rows = []
     for model in args.models.split(","):
@@ -82,7 +84,18 @@ def main(argv=None):
         fma = [DecodeConfig(bm, bn, bk, 1, 0, pf, nw, 1, MMA=0) for bm, bn, bk, nw, pf in (
             (4, 32, 64, 4, 0), (4, 32, 64, 4, 1), (4, 64, 64, 4, 0), (8, 32, 64, 4, 0), (4, 32, 128, 4, 0),
             (8, 64, 64, 8, 0), (2, 64, 64, 4, 0), (4, 64, 128, 8, 0), (16, 32, 64, 8, 0))]
-        stage_a = fma + [DecodeConfig(16, 64, 128, 1, 0, 0, 4, 1)]  # the best tensor-core config of the first sweep
+        if args.set == "fma":
+            stage_a = [(c, 0) for c in fma] + [(DecodeConfig(16, 64, 128, 1, 0, 0, 4, 1), 0)]
+        else:
+            D = DecodeConfig
+            stage_a = [(D(16, 64, 128, 1, 0, 0, 4, 1), 0), (D(16, 64, 128, 1, 0, 0, 4, 1), 2),
+                       (D(16, 64, 128, 1, 2, 0, 4, 1), 0), (D(16, 64, 128, 1, 3, 0, 4, 1), 0),
+                       (D(16, 64, 128, 1, 3, 0, 4, 1), 1), (D(16, 64, 128, 1, 3, 0, 4, 1), 2),
+                       (D(16, 64, 256, 1, 3, 0, 4, 1), 0), (D(16, 64, 128, 1, 3, 1, 4, 1), 0),
+                       (D(16, 128, 128, 1, 3, 0, 8, 1), 0), (D(16, 128, 256, 1, 3, 0, 8, 1), 0),
+                       (D(16, 32, 128, 1, 3, 0, 4, 1), 0), (D(16, 64, 64, 1, 3, 0, 4, 1), 0),
+                       (D(16, 64, 128, 1, 3, 0, 4, 2), 0), (D(16, 64, 128, 1, 3, 0, 4, 3), 0),
+                       (D(16, 64, 128, 1, 3, 0, 2, 1), 0)]
         best: dict[str, list[DecodeConfig]] = {}
         for T in sorted(tokens, key=lambda t: -t):
             logits = torch.randn(T, E, device=DEV)
@@ -103,28 +116,28 @@ def main(argv=None):
                     cands = stage_a
                 else:
                     cands = []
-                    top = best.get(name, [])[:3] + [fma[6]]
-                    for c in dict.fromkeys(top):
+                    for c in best.get(name, [])[:3]:
                         for sp in (1, 2, 4, 8):
-                            cands.append(DecodeConfig(c.BM, c.BN, c.BK, sp, c.DEQ, c.PREFETCH, c.num_warps,
-                                                      c.num_stages, c.MMA))
-                    cands.append(default_decode_config(T * K, E, R, C))
+                            cands.append((DecodeConfig(c.BM, c.BN, c.BK, sp, c.DEQ, c.PREFETCH, c.num_warps,
+                                                       c.num_stages, c.MMA), 0))
+                    cands.append((default_decode_config(T * K, E, R, C), 0))
                 timed = []
-                for cfg in cands:
+                for cfg, diag in cands:
                     try:
-                        out = nf4_decode_mm(x, gw, offs64, config=cfg)
+                        out = nf4_decode_mm(x, gw, offs64, config=cfg, _diag=diag)
                         err = rel(out, ref)
-                        t = flushed_graph_us(lambda: nf4_decode_mm(x, gw, offs64, config=cfg))
+                        t = flushed_graph_us(lambda: nf4_decode_mm(x, gw, offs64, config=cfg, _diag=diag))
                     except Exception as exc:  # a config Triton cannot compile is a sweep result, recorded and printed
                         print(f"   {cfg}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                        rows.append({**base, "cfg": cfg.__dict__, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                        rows.append({**base, "cfg": cfg.__dict__, "diag": diag, "error": f"{type(exc).__name__}: {exc}"[:500]})
                         continue
                     ok = err <= 1e-2
-                    timed.append((t if ok else float("inf"), cfg))
-                    rows.append({**base, "cfg": cfg.__dict__, "us": t, "rel_err": err,
+                    if not diag:
+                        timed.append((t if ok else float("inf"), cfg))
+                    rows.append({**base, "cfg": cfg.__dict__, "diag": diag, "us": t, "rel_err": err,
                                  "nf4_TBps": nf4_bytes / (t * 1e-6) / 1e12, "speedup_vs_bf16": t_bf16 / t})
-                    print(f"   {cfg}: {t:.1f} us  x{t_bf16 / t:.2f} vs bf16  {nf4_bytes / t / 1e6:.2f} TB/s  "
-                          f"err {err:.1e}{'' if ok else '  WRONG'}", flush=True)
+                    print(f"   {cfg}{f' DIAG={diag}' if diag else ''}: {t:.1f} us  x{t_bf16 / t:.2f} vs bf16  {nf4_bytes / t / 1e6:.2f} TB/s  "
+                          f"err {err:.1e}{'' if ok or diag else '  WRONG'}", flush=True)
                 timed.sort(key=lambda p: p[0])
                 if T == max(tokens):
                     best[name] = [c for _, c in timed]

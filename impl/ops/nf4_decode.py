@@ -14,7 +14,9 @@ GEMM is a weight stream (every NF4 byte is read once and used by a handful of ro
   them in a fixed order (deterministic, no atomics) and casts;
 - ``DEQ`` picks the code lookup: 0 = two gathers from the 16-entry fp32 table per byte; 1 = one 8-byte gather per byte
   from a 256-entry table of (code[hi], code[lo]) fp32 pairs (`pair_table`). Both give ``code[q] * absmax`` in fp32,
-  rounded once to x's dtype: the arithmetic of `reference.nf4.dequantize_nf4`.
+  rounded once to x's dtype: the arithmetic of `reference.nf4.dequantize_nf4`. 2 = as 0 with the absmax loaded per
+  byte (no reshape of the tile); 3 = as 2 without interleaving the nibbles: the high-nibble (even-column) and
+  low-nibble (odd-column) tiles are two dots against the even and odd columns of x.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def _nf4_decode_kernel(
     HAS_LORA: tl.constexpr, RANK_P: tl.constexpr, E_P2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
     DEQ: tl.constexpr, PREFETCH: tl.constexpr, DOT_FP32: tl.constexpr, MMA: tl.constexpr,
+    DIAG: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -138,13 +141,41 @@ def _nf4_decode_kernel(
         else:
             byte = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + kb)[None, :],
                            mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0)
-        am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
-                     mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
-        w = _dequant(byte.to(tl.int32), am, code_ptr, pair_ptr, BN, BK, DEQ)
-        if MMA:
+        if DEQ >= 2:  # absmax per byte (32 bytes per block; lanes of one block load one address): no reshape
+            amb = tl.load(absmax_ptr + row_am[:, None] + ((k0 // 2 + kb) // 32)[None, :],
+                          mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0.0)
+            bi = byte.to(tl.int32)
+            if DIAG == 1:  # benchmark only (wrong values): no code lookup
+                hv = ((bi >> 4) & 15).to(tl.float32) * amb
+                lv = (bi & 15).to(tl.float32) * amb
+            else:
+                hv = tl.load(code_ptr + ((bi >> 4) & 15)) * amb
+                lv = tl.load(code_ptr + (bi & 15)) * amb
+            if DEQ == 2:
+                w = tl.interleave(hv, lv)
+        else:
+            am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
+                         mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
+            w = _dequant(byte.to(tl.int32), am, code_ptr, pair_ptr, BN, BK, DEQ)
+        if DEQ == 3:  # no interleave: even columns (high nibbles) and odd columns (low nibbles) as two dots
+            xe = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + 2 * kb)[:, None] * stride_xk,
+                         mask=mmask[None, :] & ((k0 + 2 * kb) < C)[:, None], other=0.0)  # [BK/2, BM]
+            xo = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + 2 * kb + 1)[:, None] * stride_xk,
+                         mask=mmask[None, :] & ((k0 + 2 * kb + 1) < C)[:, None], other=0.0)
+            if DIAG == 2:  # benchmark only (wrong values): no dot
+                acc += tl.sum(hv + lv, axis=1)[:, None]
+            elif DOT_FP32:
+                acc += tl.dot(hv, xe.to(tl.float32))
+                acc += tl.dot(lv, xo.to(tl.float32))
+            else:
+                acc = tl.dot(hv.to(xe.dtype), xe, acc)
+                acc = tl.dot(lv.to(xo.dtype), xo, acc)
+        elif MMA:
             xt = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + kx)[:, None] * stride_xk,
                          mask=mmask[None, :] & ((k0 + kx) < C)[:, None], other=0.0)  # [BK, BM]
-            if DOT_FP32:
+            if DIAG == 2:
+                acc += tl.sum(w, axis=1)[:, None]
+            elif DOT_FP32:
                 acc += tl.dot(w, xt.to(tl.float32))
             else:
                 acc = tl.dot(w.to(xt.dtype), xt, acc)
@@ -217,11 +248,13 @@ def nf4_decode_mm(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     dot_fp32: bool | None = None,
+    _diag: int = 0,
 ) -> torch.Tensor:
     """``y [S, R] = x [S, C] @ W_e.T`` per expert (+ LoRA epilogue) for NF4 weights; see the module docstring.
 
     Same contract as ``grouped_mm(..., trans=False)``: offsets int32 [E] END offsets, rows past ``offsets[-1]`` are not
-    written; lora_in [S, r], lora_out [E, r, R]."""
+    written; lora_in [S, r], lora_out [E, r, R]. ``_diag`` (benchmarks only, WRONG results): 1 = skip the code lookup,
+    2 = skip the dot, to see where the time goes."""
     if weight.fmt != FMT_NF4:
         raise ValueError(f"nf4_decode_mm needs an nf4 weight, got {weight.fmt} {weight.shape}")
     E, R, C = weight.shape
@@ -232,6 +265,8 @@ def nf4_decode_mm(
                          f"on {offsets.device}")
     S = x.shape[0]
     cfg = config or default_decode_config(S, E, R, C)
+    if cfg.DEQ == 3 and not cfg.MMA:
+        raise ValueError(f"decode config {cfg}: DEQ=3 (even/odd dots) needs MMA=1")
     if cfg.BK % NF4_BLOCK or (cfg.MMA and (cfg.BM < 16 or cfg.BN < 16)):
         raise ValueError(f"decode config {cfg}: need BK % 64 == 0 (and BM >= 16, BN >= 16 for the tensor-core dot)")
     if dot_fp32 is None:
@@ -276,7 +311,7 @@ def nf4_decode_mm(
         float(lora_scale), r,
         E, R, C, K_ITERS=k_iters,
         HAS_LORA=lora_in is not None, RANK_P=rank_p, E_P2=max(16, _next_pow2(E)),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DEQ=cfg.DEQ, PREFETCH=cfg.PREFETCH, DOT_FP32=dot_fp32, MMA=cfg.MMA,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DEQ=cfg.DEQ, PREFETCH=cfg.PREFETCH, DOT_FP32=dot_fp32, MMA=cfg.MMA, DIAG=_diag,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:

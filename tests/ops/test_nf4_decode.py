@@ -69,6 +69,9 @@ def test_pair_table_holds_both_nibbles():
     DecodeConfig(BM=32, BN=16, BK=64, SPLIT=3, DEQ=1, PREFETCH=1),
     DecodeConfig(BM=4, BN=32, BK=64, SPLIT=1, DEQ=0, PREFETCH=1, MMA=0),  # FMA path: 19 rows = 5 tiles of 4
     DecodeConfig(BM=8, BN=16, BK=128, SPLIT=2, DEQ=1, PREFETCH=0, MMA=0),
+    DecodeConfig(BM=16, BN=32, BK=128, SPLIT=2, DEQ=2, PREFETCH=1),
+    DecodeConfig(BM=16, BN=32, BK=64, SPLIT=1, DEQ=3, PREFETCH=0),
+    DecodeConfig(BM=16, BN=64, BK=128, SPLIT=3, DEQ=3, PREFETCH=1),
 ])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_decode_matches_reference(cfg, double_quant):
