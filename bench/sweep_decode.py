@@ -6,7 +6,9 @@ For each model projection (gate_up, down) and tokens 1 / 16 / 64 (top-k routing 
 flushed before every CUDA-graph replay: ``torch._grouped_mm`` bf16 (the baseline GEMM), the generic K-loop NF4 kernel
 (`grouped_mm` default config) and each decode config; every decode output is checked against the generic kernel
 (relative norm <= 1e-2: both dequantize the same NF4 values, bf16 operands). Stage A scans tiles at 64 tokens with no
-split, stage B the best tiles with K splits at every token count. Used once to pick `default_decode_config`.
+split, stage B the best tiles with K splits at every token count. Used to pick `default_decode_config`; the kernel
+variants measured and dropped (prefetch, pair table, per-byte absmax, even/odd dots, FMA, diagnostics) are in the
+history of impl/ops/nf4_decode.py (commits 5ee6e6e..60bd952) and their outputs in reports/bench/raw/sweep-decode-*.
 """
 
 # ruff: noqa: B023
@@ -69,8 +71,6 @@ def main(argv=None):
     ap.add_argument("--out", default="")
     ap.add_argument("--models", default="qwen3_30b_a3b")
     ap.add_argument("--tokens", default="1,16,64")
-    ap.add_argument("--set", default="deq", choices=["fma", "deq"], help="stage-A candidates: FMA tiles, or code "
-                    "lookups / no-interleave (DEQ 0, 2, 3) with diagnostics (_diag 1: no lookup, 2: no dot)")
     args = ap.parse_args(argv)
     rows = []
     for model in args.models.split(","):
@@ -81,21 +81,9 @@ def main(argv=None):
             w = torch.randn(E, R, C, device=DEV, dtype=torch.bfloat16) * 0.02
             projs[name] = (w, quantize_nf4_experts(w))
         tokens = [int(t) for t in args.tokens.split(",")]
-        fma = [DecodeConfig(bm, bn, bk, 1, 0, pf, nw, 1, MMA=0) for bm, bn, bk, nw, pf in (
-            (4, 32, 64, 4, 0), (4, 32, 64, 4, 1), (4, 64, 64, 4, 0), (8, 32, 64, 4, 0), (4, 32, 128, 4, 0),
-            (8, 64, 64, 8, 0), (2, 64, 64, 4, 0), (4, 64, 128, 8, 0), (16, 32, 64, 8, 0))]
-        if args.set == "fma":
-            stage_a = [(c, 0) for c in fma] + [(DecodeConfig(16, 64, 128, 1, 0, 0, 4, 1), 0)]
-        else:
-            D = DecodeConfig
-            stage_a = [(D(16, 64, 128, 1, 0, 0, 4, 1), 0), (D(16, 64, 128, 1, 0, 0, 4, 1), 2),
-                       (D(16, 64, 128, 1, 2, 0, 4, 1), 0), (D(16, 64, 128, 1, 3, 0, 4, 1), 0),
-                       (D(16, 64, 128, 1, 3, 0, 4, 1), 1), (D(16, 64, 128, 1, 3, 0, 4, 1), 2),
-                       (D(16, 64, 256, 1, 3, 0, 4, 1), 0), (D(16, 64, 128, 1, 3, 1, 4, 1), 0),
-                       (D(16, 128, 128, 1, 3, 0, 8, 1), 0), (D(16, 128, 256, 1, 3, 0, 8, 1), 0),
-                       (D(16, 32, 128, 1, 3, 0, 4, 1), 0), (D(16, 64, 64, 1, 3, 0, 4, 1), 0),
-                       (D(16, 64, 128, 1, 3, 0, 4, 2), 0), (D(16, 64, 128, 1, 3, 0, 4, 3), 0),
-                       (D(16, 64, 128, 1, 3, 0, 2, 1), 0)]
+        D = DecodeConfig
+        stage_a = [D(16, 64, 128, 1, 4), D(16, 32, 256, 1, 4), D(16, 64, 256, 1, 4), D(16, 128, 128, 1, 4),
+                   D(16, 128, 128, 1, 8), D(16, 128, 256, 1, 8), D(32, 64, 128, 1, 4), D(16, 64, 64, 1, 4)]
         best: dict[str, list[DecodeConfig]] = {}
         for T in sorted(tokens, key=lambda t: -t):
             logits = torch.randn(T, E, device=DEV)
@@ -116,28 +104,26 @@ def main(argv=None):
                     cands = stage_a
                 else:
                     cands = []
-                    for c in best.get(name, [])[:3]:
+                    for c in best.get(name, [])[:2]:
                         for sp in (1, 2, 4, 8):
-                            cands.append((DecodeConfig(c.BM, c.BN, c.BK, sp, c.DEQ, c.PREFETCH, c.num_warps,
-                                                       c.num_stages, c.MMA), 0))
-                    cands.append((default_decode_config(T * K, E, R, C), 0))
+                            cands.append(DecodeConfig(c.BM, c.BN, c.BK, sp, c.num_warps, c.num_stages))
+                    cands.append(default_decode_config(T * K, E, R, C))
                 timed = []
-                for cfg, diag in cands:
+                for cfg in cands:
                     try:
-                        out = nf4_decode_mm(x, gw, offs64, config=cfg, _diag=diag)
+                        out = nf4_decode_mm(x, gw, offs64, config=cfg)
                         err = rel(out, ref)
-                        t = flushed_graph_us(lambda: nf4_decode_mm(x, gw, offs64, config=cfg, _diag=diag))
+                        t = flushed_graph_us(lambda: nf4_decode_mm(x, gw, offs64, config=cfg))
                     except Exception as exc:  # a config Triton cannot compile is a sweep result, recorded and printed
                         print(f"   {cfg}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                        rows.append({**base, "cfg": cfg.__dict__, "diag": diag, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                        rows.append({**base, "cfg": cfg.__dict__, "error": f"{type(exc).__name__}: {exc}"[:500]})
                         continue
                     ok = err <= 1e-2
-                    if not diag:
-                        timed.append((t if ok else float("inf"), cfg))
-                    rows.append({**base, "cfg": cfg.__dict__, "diag": diag, "us": t, "rel_err": err,
+                    timed.append((t if ok else float("inf"), cfg))
+                    rows.append({**base, "cfg": cfg.__dict__, "us": t, "rel_err": err,
                                  "nf4_TBps": nf4_bytes / (t * 1e-6) / 1e12, "speedup_vs_bf16": t_bf16 / t})
-                    print(f"   {cfg}{f' DIAG={diag}' if diag else ''}: {t:.1f} us  x{t_bf16 / t:.2f} vs bf16  {nf4_bytes / t / 1e6:.2f} TB/s  "
-                          f"err {err:.1e}{'' if ok or diag else '  WRONG'}", flush=True)
+                    print(f"   {cfg}: {t:.1f} us  x{t_bf16 / t:.2f} vs bf16  {nf4_bytes / t / 1e6:.2f} TB/s  "
+                          f"err {err:.1e}{'' if ok else '  WRONG'}", flush=True)
                 timed.sort(key=lambda p: p[0])
                 if T == max(tokens):
                     best[name] = [c for _, c in timed]

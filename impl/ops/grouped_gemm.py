@@ -48,7 +48,6 @@ FMT_NF4 = "nf4"
 FMT_FP8 = "fp8_block"
 _FMT_ID = {FMT_BF16: 0, FMT_NF4: 1, FMT_FP8: 2}
 NF4_BLOCK = 64
-NF4_MAX_NUMEL = 2**31  # refused at and above until a GPU run verifies these sizes (see GroupedWeight)
 FP8_BLOCK = 128
 E4M3_MAX = 448.0
 FP8_EPS = 1e-12
@@ -75,11 +74,6 @@ class GroupedWeight:
                 raise ValueError(f"bf16 weight: data shape {tuple(self.data.shape)} != {self.shape}")
         elif self.fmt == FMT_NF4:
             n = E * R * C
-            if n >= NF4_MAX_NUMEL:
-                raise ValueError(
-                    f"nf4 weight {self.shape} has {n} >= 2^31 elements: the H200 run of 2026-11-29 gave wrong NF4 "
-                    "results at such sizes (DeepSeek-V3 shapes; an int32 overflow in nf4_dequantize, fixed since); the "
-                    "K-loop kernel is not verified on a GPU there yet: split the experts into groups")
             if C % NF4_BLOCK:
                 raise ValueError(f"nf4 weight {self.shape}: C={C} must be a multiple of the blocksize {NF4_BLOCK}")
             if self.data.dtype != torch.uint8 or self.data.numel() != n // 2:
@@ -502,6 +496,21 @@ def uses_act_prequant(weight: GroupedWeight, rows: int, act_prequant: bool | Non
     return bool(act_prequant)
 
 
+SPLIT_DECODE_REASON = "nf4 split-K decode kernel (impl.ops.nf4_decode: too few rows for the K-loop kernel)"
+
+
+def nf4_split_decode(weight: GroupedWeight, trans: bool, rows: int, config: TileConfig | None) -> bool:
+    """True where `grouped_mm` hands an NF4 forward to `impl.ops.nf4_decode.nf4_decode_mm` (default tiles only): when
+    its `default_decode_config` splits K, i.e. the active (expert, N-tile) pairs alone are too few programs (1 token:
+    8 experts x 24 N tiles). Measured 38.8 vs 50.9 us (Qwen3 gate_up, 1 token, H200); no faster at 16+ tokens."""
+    if weight.fmt != FMT_NF4 or trans or config is not None or rows == 0:
+        return False
+    from impl.ops.nf4_decode import default_decode_config  # imports this module
+
+    E, R, C = weight.shape
+    return default_decode_config(rows, E, R, C).SPLIT > 1
+
+
 def lora_unfusable_reason(weight: GroupedWeight, trans: bool, cfg: TileConfig, x_prequant: bool) -> str | None:
     """Why the LoRA down-projection cannot run inside this base launch's K loop (None: it can)."""
     if x_prequant:
@@ -585,6 +594,8 @@ def grouped_mm(
                 raise ValueError(f"lora_down {tuple(lora_down.shape)} / lora_mid {tuple(lora_mid.shape)} "
                                  f"{lora_mid.dtype} do not match E={E}, K={kred}, S={S}, x dtype {x.dtype}")
             why = lora_unfusable_reason(weight, trans, cfg, x_fp8)
+            if why is None and nf4_split_decode(weight, trans, S, config):
+                why = SPLIT_DECODE_REASON
             if why is not None:
                 raise ValueError(f"fused LoRA not supported for weight {weight.fmt} {weight.shape}, x "
                                  f"{tuple(x.shape)}, trans={trans}, {cfg}: {why}")
@@ -600,6 +611,11 @@ def grouped_mm(
     else:
         r, rank_p = 0, 16
         la, lb = x, x.new_empty((1, 1, 1))
+    if nf4_split_decode(weight, trans, S, config):
+        from impl.ops.nf4_decode import nf4_decode_mm
+
+        return nf4_decode_mm(x, weight, offsets, lora_in=la if has_lora else None, lora_out=lb if has_lora else None,
+                             lora_scale=lora_scale, out=out, dot_fp32=dot_fp32)
     w = weight.data
     if weight.fmt == FMT_NF4:
         ws = (0, 0, 0)
@@ -659,6 +675,8 @@ def lora_path(x: torch.Tensor, weight: GroupedWeight, *, trans: bool = False, fu
     S = x.shape[0]
     cfg = launch_config(weight.fmt, trans, S, E, C if trans else R, True, config)
     why = lora_unfusable_reason(weight, trans, cfg, uses_act_prequant(weight, S, act_prequant))
+    if why is None and nf4_split_decode(weight, trans, S, config):
+        why = SPLIT_DECODE_REASON
     return "fused" if why is None else f"unfused: {why}"
 
 

@@ -1,22 +1,19 @@
-"""NF4 grouped GEMM for few rows per expert (decode): stream the packed weights, split K, prefetch one tile ahead.
+"""NF4 grouped GEMM with the reduction split over programs, for very few rows (decode at a handful of tokens).
 
 Same problem and formats as `impl.ops.grouped_gemm` (forward only, ``y[m] = x[m] @ W_e.T``, x ``[S, C]`` sorted by
 expert, int32 END ``offsets [E]``, NF4 ``packed [E·R·C/2]`` high nibble first, fp32 ``absmax [E·R·C/64]``, ``code [16]``,
-optional LoRA epilogue ``+ s · la[m] @ lb_e``). What differs is the shape of the work: with <= 16 rows per expert the
-GEMM is a weight stream (every NF4 byte is read once and used by a handful of rows), so
+optional LoRA epilogue ``+ s · la[m] @ lb_e``). With one token only top-k experts are active: 8 experts x 24 N tiles
+= 192 programs of a K loop for 132 SMs, so K is split over ``SPLIT`` programs; each writes an fp32 partial
+``[SPLIT, S, R]`` and a second kernel sums them in a fixed order (deterministic, no atomics) and casts. The dequantized
+``[BN, BK]`` tile is the left operand of the dot (swap-AB: ``acc[BN, BM] = W_tile @ x_tile.T``); values are
+``code[q] * absmax`` in fp32 rounded once to x's dtype, the arithmetic of `reference.nf4.dequantize_nf4`.
 
-- the dequantized ``[BN, BK]`` tile is the LEFT operand of the dot (swap-AB: ``acc[BN, BM] = W_tile @ x_tile.T``), kept
-  in registers, never transposed or staged through shared memory;
-- the bytes of the next K tile are loaded before the current one is dequantized (a register prefetch: Triton's own
-  software pipelining of these loads was 1.9-12x slower, reports/bench/raw/sweep-d8941bb.txt);
-- K is split over ``SPLIT`` programs when there are too few (expert, N-tile) pairs to fill the GPU (1 token: 8 experts
-  x 24 N tiles = 192 programs for 132 SMs); each split writes an fp32 partial ``[SPLIT, S, R]`` and a second kernel sums
-  them in a fixed order (deterministic, no atomics) and casts;
-- ``DEQ`` picks the code lookup: 0 = two gathers from the 16-entry fp32 table per byte; 1 = one 8-byte gather per byte
-  from a 256-entry table of (code[hi], code[lo]) fp32 pairs (`pair_table`). Both give ``code[q] * absmax`` in fp32,
-  rounded once to x's dtype: the arithmetic of `reference.nf4.dequantize_nf4`. 2 = as 0 with the absmax loaded per
-  byte (no reshape of the tile); 3 = as 2 without interleaving the nibbles: the high-nibble (even-column) and
-  low-nibble (odd-column) tiles are two dots against the even and odd columns of x.
+Measured on an H200 (reports/bench/raw/sweep-decode-*.txt, Qwen3-30B-A3B shapes): 1 token gate_up 38.8 us vs 50.9 us
+for the unsplit K-loop kernel; at 16-64 tokens splitting does not help and neither did a register prefetch of the
+next byte tile, a 256-entry pair table, per-byte absmax, an un-interleaved even/odd two-dot form or a CUDA-core FMA
+form (0.06-0.44 TB/s). Diagnostics there: dropping the dot halves the time (the dequantized tile's conversion into
+an MMA operand), dropping the code lookup saves another third; so `grouped_mm` routes here only when
+`default_decode_config` splits.
 """
 
 from __future__ import annotations
@@ -32,57 +29,21 @@ from impl.ops.grouped_gemm import FMT_NF4, NF4_BLOCK, GroupedWeight, _next_pow2,
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """BM rows per tile (>= 16, the smallest tl.dot), BN output features, BK reduction columns (multiple of 64),
-    SPLIT K splits (0: pick from the problem size), DEQ code lookup (see the module docstring), PREFETCH 0/1."""
+    """BM rows per tile (>= 16, the smallest tl.dot), BN output features (>= 16), BK reduction columns (multiple of
+    64), SPLIT programs over K (0: `default_decode_config` picks)."""
 
     BM: int = 16
     BN: int = 64
     BK: int = 128
     SPLIT: int = 0
-    DEQ: int = 0
-    PREFETCH: int = 1
     num_warps: int = 4
     num_stages: int = 1
-    MMA: int = 1  # 1: tensor-core dot (swap-AB, BM >= 16); 0: CUDA-core FMA (any BM, fp32 weights, no shared memory)
-
-
-_PAIR_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def pair_table(code: torch.Tensor) -> torch.Tensor:
-    """int64 ``[256]``: entry b holds the fp32 bits of ``code[b >> 4]`` in its high and of ``code[b & 15]`` in its low
-    32 bits (cached per code tensor)."""
-    key = (code.data_ptr(), code.device, code._version)
-    t = _PAIR_CACHE.get(key)
-    if t is None:
-        bits = code.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        b = torch.arange(256, device=code.device)
-        t = (bits[b >> 4] << 32) | bits[b & 15]
-        _PAIR_CACHE[key] = t
-    return t
-
-
-@triton.jit
-def _dequant(byte, am, code_ptr, pair_ptr, BN: tl.constexpr, BK: tl.constexpr, DEQ: tl.constexpr):
-    """fp32 [BN, BK] from bytes [BN, BK/2] (int32) and absmax [BN, BK/64]."""
-    if DEQ == 1:
-        v = tl.load(pair_ptr + byte)
-        hi = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        lo = v.to(tl.int32).to(tl.float32, bitcast=True)
-    else:
-        hi = tl.load(code_ptr + ((byte >> 4) & 15))
-        lo = tl.load(code_ptr + (byte & 15))
-    vals = tl.interleave(hi, lo)  # [BN, BK], first element in the high nibble
-    NB: tl.constexpr = BK // 64
-    if NB == 1:
-        return vals * am
-    return tl.reshape(tl.reshape(vals, (BN, NB, 64)) * am[:, :, None], (BN, BK))
 
 
 @triton.jit
 def _nf4_decode_kernel(
     x_ptr, stride_xm, stride_xk,
-    packed_ptr, absmax_ptr, code_ptr, pair_ptr,
+    packed_ptr, absmax_ptr, code_ptr,
     y_ptr, stride_ym, stride_yn,
     part_ptr, stride_ps, stride_pm, stride_pn,
     offs_ptr,
@@ -91,9 +52,7 @@ def _nf4_decode_kernel(
     lora_scale, RANK,
     E, R, C, K_ITERS: tl.constexpr,
     HAS_LORA: tl.constexpr, RANK_P: tl.constexpr, E_P2: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-    DEQ: tl.constexpr, PREFETCH: tl.constexpr, DOT_FP32: tl.constexpr, MMA: tl.constexpr,
-    DIAG: tl.constexpr = 0,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -119,76 +78,32 @@ def _nf4_decode_kernel(
     nmask = rn < R
     e64 = e.to(tl.int64)
     n64 = rn.to(tl.int64)
-    row_byte = e64 * R * (C // 2) + n64 * (C // 2)  # [BN] int64: first byte of each weight row
+    row_byte = e64 * R * (C // 2) + n64 * (C // 2)  # [BN] int64: first byte of each weight row (E*R*C may be >= 2^31)
     row_am = e64 * R * (C // 64) + n64 * (C // 64)
     kb = tl.arange(0, BK // 2)
     ka = tl.arange(0, BK // 64)
     kx = tl.arange(0, BK)
     k_lo = pid_k * (K_ITERS * BK)
-
-    byte = tl.load(packed_ptr + row_byte[:, None] + (k_lo // 2 + kb)[None, :],
-                   mask=nmask[:, None] & ((k_lo // 2 + kb) < C // 2)[None, :], other=0)
-    if MMA:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
     for i in range(K_ITERS):
         k0 = k_lo + i * BK
-        if PREFETCH:
-            kn = k0 + BK
-            nxt = tl.load(packed_ptr + row_byte[:, None] + (kn // 2 + kb)[None, :],
-                          mask=nmask[:, None] & ((kn // 2 + kb) < C // 2)[None, :] & (i + 1 < K_ITERS), other=0)
+        byte = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + kb)[None, :],
+                       mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0).to(tl.int32)
+        am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
+                     mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
+        vals = tl.interleave(tl.load(code_ptr + ((byte >> 4) & 15)), tl.load(code_ptr + (byte & 15)))  # high first
+        NB: tl.constexpr = BK // 64
+        if NB == 1:
+            w = vals * am
         else:
-            byte = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + kb)[None, :],
-                           mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0)
-        if DEQ >= 2:  # absmax per byte (32 bytes per block; lanes of one block load one address): no reshape
-            amb = tl.load(absmax_ptr + row_am[:, None] + ((k0 // 2 + kb) // 32)[None, :],
-                          mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0.0)
-            bi = byte.to(tl.int32)
-            if DIAG == 1:  # benchmark only (wrong values): no code lookup
-                hv = ((bi >> 4) & 15).to(tl.float32) * amb
-                lv = (bi & 15).to(tl.float32) * amb
-            else:
-                hv = tl.load(code_ptr + ((bi >> 4) & 15)) * amb
-                lv = tl.load(code_ptr + (bi & 15)) * amb
-            if DEQ == 2:
-                w = tl.interleave(hv, lv)
+            w = tl.reshape(tl.reshape(vals, (BN, NB, 64)) * am[:, :, None], (BN, BK))
+        xt = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + kx)[:, None] * stride_xk,
+                     mask=mmask[None, :] & ((k0 + kx) < C)[:, None], other=0.0)  # [BK, BM]
+        if DOT_FP32:
+            acc += tl.dot(w, xt.to(tl.float32))
         else:
-            am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
-                         mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
-            w = _dequant(byte.to(tl.int32), am, code_ptr, pair_ptr, BN, BK, DEQ)
-        if DEQ == 3:  # no interleave: even columns (high nibbles) and odd columns (low nibbles) as two dots
-            xe = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + 2 * kb)[:, None] * stride_xk,
-                         mask=mmask[None, :] & ((k0 + 2 * kb) < C)[:, None], other=0.0)  # [BK/2, BM]
-            xo = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + 2 * kb + 1)[:, None] * stride_xk,
-                         mask=mmask[None, :] & ((k0 + 2 * kb + 1) < C)[:, None], other=0.0)
-            if DIAG == 2:  # benchmark only (wrong values): no dot
-                acc += tl.sum(hv + lv, axis=1)[:, None]
-            elif DOT_FP32:
-                acc += tl.dot(hv, xe.to(tl.float32))
-                acc += tl.dot(lv, xo.to(tl.float32))
-            else:
-                acc = tl.dot(hv.to(xe.dtype), xe, acc)
-                acc = tl.dot(lv.to(xo.dtype), xo, acc)
-        elif MMA:
-            xt = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + kx)[:, None] * stride_xk,
-                         mask=mmask[None, :] & ((k0 + kx) < C)[:, None], other=0.0)  # [BK, BM]
-            if DIAG == 2:
-                acc += tl.sum(w, axis=1)[:, None]
-            elif DOT_FP32:
-                acc += tl.dot(w, xt.to(tl.float32))
-            else:
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
-        else:  # [BM, BN, BK] products reduced over K: every weight element is used BM times from registers
-            xk = tl.load(x_ptr + rm64[:, None] * stride_xm + (k0 + kx)[None, :] * stride_xk,
-                         mask=mmask[:, None] & ((k0 + kx) < C)[None, :], other=0.0).to(tl.float32)  # [BM, BK]
-            acc += tl.sum(w[None, :, :] * xk[:, None, :], axis=2)
-        if PREFETCH:
-            byte = nxt
-    if MMA:
-        out = tl.trans(acc)  # [BM, BN]
-    else:
-        out = acc
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    out = tl.trans(acc)  # [BM, BN]
     if HAS_LORA:
         if pid_k == 0:
             rr = tl.arange(0, RANK_P)
@@ -197,9 +112,7 @@ def _nf4_decode_kernel(
                          mask=mmask[:, None] & rmask[None, :], other=0.0)
             lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + rn[None, :] * stride_lbn,
                          mask=rmask[:, None] & nmask[None, :], other=0.0)
-            if not MMA:
-                out += lora_scale * tl.sum(la.to(tl.float32)[:, :, None] * lb.to(tl.float32)[None, :, :], axis=1)
-            elif DOT_FP32:
+            if DOT_FP32:
                 out += lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32))
             else:
                 out = tl.dot(la, (lb.to(tl.float32) * lora_scale).to(la.dtype), out)
@@ -224,17 +137,20 @@ def _split_sum_kernel(part_ptr, stride_ps, stride_pm, stride_pn, y_ptr, stride_y
     tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
+SM_COUNT = 132  # H200; only sets how many programs count as "enough" (4 per SM)
+
+
 def default_decode_config(rows: int, num_experts: int, R: int, C: int) -> DecodeConfig:
-    """Tiles for <= 16 rows per expert; SPLIT so that about 4 programs per SM exist (132 SMs on an H200) when the
-    active (expert, N-tile) pairs alone are too few. Active experts are bounded by min(E, rows) without a host sync."""
+    """SPLIT so that about 4 programs per SM exist when the active (expert, N-tile) pairs alone are too few (SPLIT 1
+    otherwise: measured no faster at 16-64 tokens). Without a host sync the M tiles are estimated as
+    max(min(E, rows), rows / BM): each active expert has at least one, and there are at least rows / BM."""
     cfg = DecodeConfig()
-    active = min(num_experts, rows)
-    programs = active * triton.cdiv(R, cfg.BN)
+    programs = max(min(num_experts, rows), triton.cdiv(rows, cfg.BM)) * triton.cdiv(R, cfg.BN)
     k_tiles = triton.cdiv(C, cfg.BK)
     split = 1
-    while programs * split < 4 * 132 and split * 2 <= k_tiles and split < 16:
+    while programs * split < 4 * SM_COUNT and split * 2 <= k_tiles and split < 16:
         split *= 2
-    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.DEQ, cfg.PREFETCH, cfg.num_warps, cfg.num_stages, cfg.MMA)
+    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.num_warps, cfg.num_stages)
 
 
 def nf4_decode_mm(
@@ -248,13 +164,11 @@ def nf4_decode_mm(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     dot_fp32: bool | None = None,
-    _diag: int = 0,
 ) -> torch.Tensor:
     """``y [S, R] = x [S, C] @ W_e.T`` per expert (+ LoRA epilogue) for NF4 weights; see the module docstring.
 
     Same contract as ``grouped_mm(..., trans=False)``: offsets int32 [E] END offsets, rows past ``offsets[-1]`` are not
-    written; lora_in [S, r], lora_out [E, r, R]. ``_diag`` (benchmarks only, WRONG results): 1 = skip the code lookup,
-    2 = skip the dot, to see where the time goes."""
+    written; lora_in [S, r], lora_out [E, r, R]."""
     if weight.fmt != FMT_NF4:
         raise ValueError(f"nf4_decode_mm needs an nf4 weight, got {weight.fmt} {weight.shape}")
     E, R, C = weight.shape
@@ -265,10 +179,8 @@ def nf4_decode_mm(
                          f"on {offsets.device}")
     S = x.shape[0]
     cfg = config or default_decode_config(S, E, R, C)
-    if cfg.DEQ == 3 and not cfg.MMA:
-        raise ValueError(f"decode config {cfg}: DEQ=3 (even/odd dots) needs MMA=1")
-    if cfg.BK % NF4_BLOCK or (cfg.MMA and (cfg.BM < 16 or cfg.BN < 16)):
-        raise ValueError(f"decode config {cfg}: need BK % 64 == 0 (and BM >= 16, BN >= 16 for the tensor-core dot)")
+    if cfg.BK % NF4_BLOCK or cfg.BM < 16 or cfg.BN < 16:
+        raise ValueError(f"decode config {cfg}: need BK % 64 == 0, BM >= 16 and BN >= 16")
     if dot_fp32 is None:
         dot_fp32 = interpret_mode()
     if out is None:
@@ -289,11 +201,9 @@ def nf4_decode_mm(
     if S == 0:
         return out
     k_tiles = triton.cdiv(C, cfg.BK)
-    split = cfg.SPLIT or 1
-    split = max(1, min(split, k_tiles))
+    split = max(1, min(cfg.SPLIT or 1, k_tiles))
     k_iters = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, k_iters)  # no empty split
-    pair = pair_table(weight.code) if cfg.DEQ == 1 else weight.code
     if split > 1:
         part = torch.empty((split, S, R), dtype=torch.float32, device=x.device)
         ps = part.stride()
@@ -302,7 +212,7 @@ def nf4_decode_mm(
     grid = (triton.cdiv(R, cfg.BN), triton.cdiv(S, cfg.BM) + E, split)
     _nf4_decode_kernel[grid](
         x, x.stride(0), x.stride(1),
-        weight.data, weight.scale, weight.code, pair,
+        weight.data, weight.scale, weight.code,
         out, out.stride(0), out.stride(1),
         part, ps[0], ps[1], ps[2],
         offsets,
@@ -311,7 +221,7 @@ def nf4_decode_mm(
         float(lora_scale), r,
         E, R, C, K_ITERS=k_iters,
         HAS_LORA=lora_in is not None, RANK_P=rank_p, E_P2=max(16, _next_pow2(E)),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DEQ=cfg.DEQ, PREFETCH=cfg.PREFETCH, DOT_FP32=dot_fp32, MMA=cfg.MMA, DIAG=_diag,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DOT_FP32=dot_fp32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:

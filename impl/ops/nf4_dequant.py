@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.ops import grouped_gemm as _gg
-
 
 @triton.jit
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, NBYTES, BLOCK_BYTES: tl.constexpr):
@@ -26,7 +24,9 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, NBYTES, BLOCK
     vals = tl.interleave(hi * am, lo * am)
     oe = pid.to(tl.int64) * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
     # (oe // 2) < NBYTES, not oe < 2 * NBYTES: NBYTES in [2^30, 2^31) is specialized as int32 and 2 * NBYTES wrapped
-    # negative, so nothing was stored (DeepSeek-V3 down, 3.76 G elements: garbage / NaN on the H200, 2026-11-29)
+    # negative, so nothing was stored (DeepSeek-V3 down, 3.76 G elements: garbage / NaN on the H200, 2026-11-29).
+    # Verified after the fix on the H200 at 3.76 G and 7.5 G elements: bitwise equal to code[q] * absmax in torch
+    # (bench/check_large_nf4.py, reports/gpu/*large-nf4*).
     tl.store(out_ptr + oe, vals.to(out_ptr.dtype.element_ty), mask=(oe // 2) < NBYTES)
 
 
@@ -38,10 +38,6 @@ def nf4_dequantize(
     n = 1
     for d in shape:
         n *= d
-    if n >= _gg.NF4_MAX_NUMEL:
-        raise ValueError(f"nf4_dequantize: shape {shape} has {n} >= 2^31 elements: wrong results were measured for such "
-                         "tensors on the H200 (2026-11-29); the int32 overflow found afterwards is fixed but not yet "
-                         "re-verified on a GPU: dequantize per group of experts")
     if n % 64 or packed.dtype != torch.uint8 or packed.numel() != n // 2 or absmax.numel() != n // 64:
         raise ValueError(f"nf4_dequantize: shape {shape} (n={n}, need n % 64 == 0), packed {packed.dtype} "
                          f"{packed.numel()} (need uint8 n/2), absmax {absmax.numel()} (need n/64)")

@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 from impl.ops.grouped_gemm import FMT_NF4, GroupedWeight  # noqa: E402
-from impl.ops.nf4_decode import DecodeConfig, default_decode_config, nf4_decode_mm, pair_table  # noqa: E402
+from impl.ops.nf4_decode import DecodeConfig, default_decode_config, nf4_decode_mm  # noqa: E402
 from reference import nf4 as rnf4  # noqa: E402
 
 pytestmark = [pytest.mark.triton]
@@ -53,25 +53,10 @@ def loop_ref(x, wd, offs, la=None, lb=None, s=1.0):
     return torch.cat(out)
 
 
-def test_pair_table_holds_both_nibbles():
-    code = rnf4.NF4_CODE.clone()
-    t = pair_table(code)
-    b = torch.arange(256)
-    hi = (t >> 32).to(torch.int32).view(torch.float32)
-    lo = (t & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
-    assert torch.equal(hi, code[b >> 4]) and torch.equal(lo, code[b & 15])
-
-
 @pytest.mark.parametrize("cfg", [
-    DecodeConfig(BM=16, BN=32, BK=64, SPLIT=1, DEQ=0, PREFETCH=0),
-    DecodeConfig(BM=16, BN=32, BK=64, SPLIT=1, DEQ=1, PREFETCH=1),
-    DecodeConfig(BM=16, BN=64, BK=128, SPLIT=2, DEQ=0, PREFETCH=1),  # 5 K tiles of 64 over 3 splits of 2 iterations
-    DecodeConfig(BM=32, BN=16, BK=64, SPLIT=3, DEQ=1, PREFETCH=1),
-    DecodeConfig(BM=4, BN=32, BK=64, SPLIT=1, DEQ=0, PREFETCH=1, MMA=0),  # FMA path: 19 rows = 5 tiles of 4
-    DecodeConfig(BM=8, BN=16, BK=128, SPLIT=2, DEQ=1, PREFETCH=0, MMA=0),
-    DecodeConfig(BM=16, BN=32, BK=128, SPLIT=2, DEQ=2, PREFETCH=1),
-    DecodeConfig(BM=16, BN=32, BK=64, SPLIT=1, DEQ=3, PREFETCH=0),
-    DecodeConfig(BM=16, BN=64, BK=128, SPLIT=3, DEQ=3, PREFETCH=1),
+    DecodeConfig(BM=16, BN=32, BK=64, SPLIT=1),
+    DecodeConfig(BM=16, BN=64, BK=128, SPLIT=2),  # 5 K tiles of 64 in 3 tiles of 128 over 2 splits (one partial)
+    DecodeConfig(BM=32, BN=16, BK=64, SPLIT=3),  # 5 tiles over 3 splits of 2 iterations, the last one short
 ])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_decode_matches_reference(cfg, double_quant):
@@ -87,8 +72,8 @@ def test_nf4_decode_matches_reference(cfg, double_quant):
     assert torch.isnan(out[n:]).all()
 
 
-@pytest.mark.parametrize("split,mma", [(1, 1), (4, 1), (2, 0)])
-def test_nf4_decode_lora_epilogue(split, mma):
+@pytest.mark.parametrize("split", [1, 4])
+def test_nf4_decode_lora_epilogue(split):
     torch.manual_seed(8)
     E, R, C, r, s = len(COUNTS), 48, 256, 5, 0.75
     gw, wd = nf4_weight(E, R, C, False)
@@ -96,7 +81,7 @@ def test_nf4_decode_lora_epilogue(split, mma):
     n = int(offs[-1])
     x, la, lb = torch.randn(n, C), torch.randn(n, r), torch.randn(E, r, R)
     out = nf4_decode_mm(x, gw, offs, lora_in=la, lora_out=lb, lora_scale=s,
-                        config=DecodeConfig(BM=16 if mma else 4, BN=16, BK=64, SPLIT=split, MMA=mma))
+                        config=DecodeConfig(BM=16, BN=16, BK=64, SPLIT=split))
     assert rel(out, loop_ref(x, wd, offs, la, lb, s)) < CPU_TOL
 
 
@@ -113,3 +98,24 @@ def test_rejects_non_nf4_and_bad_shapes():
         nf4_decode_mm(torch.randn(2, 32), gw, offs)
     with pytest.raises(ValueError, match="BK % 64"):
         nf4_decode_mm(torch.randn(2, 64), gw, offs, config=DecodeConfig(BK=96))
+
+
+def test_grouped_mm_routes_few_rows_to_the_split_kernel():
+    """`grouped_mm` (default tiles) hands a small NF4 forward to the split-K kernel, LoRA included and unfused by
+    rule; the result equals the float64 reference, and a larger problem stays on the K-loop kernel."""
+    from impl.ops.grouped_gemm import SPLIT_DECODE_REASON, grouped_lora_mm, grouped_mm, lora_path, nf4_split_decode
+
+    torch.manual_seed(9)
+    E, R, C, r, s = len(COUNTS), 48, 256, 3, 0.5
+    gw, wd = nf4_weight(E, R, C, False)
+    offs = torch.tensor(COUNTS).cumsum(0).to(torch.int32)
+    n = int(offs[-1])
+    x, a, b = torch.randn(n, C), torch.randn(E, C, r), torch.randn(E, r, R)
+    assert nf4_split_decode(gw, False, n, None)
+    assert not nf4_split_decode(gw, True, n, None) and not nf4_split_decode(gw, False, 10**6, None)
+    assert lora_path(x, gw) == f"unfused: {SPLIT_DECODE_REASON}"
+    assert rel(grouped_mm(x, gw, offs), loop_ref(x, wd, offs)) < CPU_TOL
+    y, mid = grouped_lora_mm(x, gw, offs, a, b, s)
+    la = loop_ref(x, a.transpose(1, 2).double(), offs)
+    assert rel(mid, la) < CPU_TOL
+    assert rel(y, loop_ref(x, wd, offs, la, b, s)) < CPU_TOL
