@@ -38,6 +38,7 @@ class DecodeConfig:
     SPLIT: int = 0
     num_warps: int = 4
     num_stages: int = 1
+    LUT: int = 0  # code lookup: 0 = gather from the 16-entry table in global memory, 1 = tl.gather from registers
 
 
 @triton.jit
@@ -53,6 +54,7 @@ def _nf4_decode_kernel(
     E, R, C, K_ITERS: tl.constexpr,
     HAS_LORA: tl.constexpr, RANK_P: tl.constexpr, E_P2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    LUT: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -91,7 +93,11 @@ def _nf4_decode_kernel(
                        mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0).to(tl.int32)
         am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
                      mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
-        vals = tl.interleave(tl.load(code_ptr + ((byte >> 4) & 15)), tl.load(code_ptr + (byte & 15)))  # high first
+        if LUT:
+            table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BN, 16))
+            vals = tl.interleave(tl.gather(table, (byte >> 4) & 15, 1), tl.gather(table, byte & 15, 1))
+        else:
+            vals = tl.interleave(tl.load(code_ptr + ((byte >> 4) & 15)), tl.load(code_ptr + (byte & 15)))  # high first
         NB: tl.constexpr = BK // 64
         if NB == 1:
             w = vals * am
@@ -150,7 +156,7 @@ def default_decode_config(rows: int, num_experts: int, R: int, C: int) -> Decode
     split = 1
     while programs * split < 4 * SM_COUNT and split * 2 <= k_tiles and split < 16:
         split *= 2
-    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.num_warps, cfg.num_stages)
+    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.num_warps, cfg.num_stages, cfg.LUT)
 
 
 def nf4_decode_mm(
@@ -221,7 +227,7 @@ def nf4_decode_mm(
         float(lora_scale), r,
         E, R, C, K_ITERS=k_iters,
         HAS_LORA=lora_in is not None, RANK_P=rank_p, E_P2=max(16, _next_pow2(E)),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DOT_FP32=dot_fp32,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DOT_FP32=dot_fp32, LUT=cfg.LUT,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
