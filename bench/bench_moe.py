@@ -15,7 +15,7 @@ Variants (layer glue = sort, gather, SiLU·up, weighted combine):
   runs near HBM speed, faster than bnb's measured 2.2-2.5 TB/s), then ``torch._grouped_mm``, stock glue;
 - bf16_fused_lora: our Triton grouped GEMM, bf16 weights, LoRA fused, our glue;
 - nf4_fused: our NF4 path, policy "auto" (K-loop dequant up to 128 rows/expert, dequant-to-scratch above), our glue;
-- nf4_kloop: our NF4 K-loop-dequant kernel at every size;
+- nf4_kloop: our NF4 K-loop-dequant kernels at every size (policy "fused": the decode kernel up to 16 rows/expert);
 - fp8_block_fused: our 128x128-block FP8 kernel (1x128 activation quant), our glue;
 - fp8_rowwise_scaled: ``torch._scaled_grouped_mm`` row-wise (forward only, no LoRA), our glue.
 Forward rows up to 1024 tokens are also timed as CUDA-graph replays (time_us_graph). Weights: random bf16 (std 0.02);

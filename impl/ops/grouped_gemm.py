@@ -14,7 +14,9 @@ for ``offsets[e-1] <= m < offsets[e]``, plus an optional fused LoRA epilogue
   epilogue (what the unfused path stores and loads) and stored to ``lora_mid`` by the N-tile-0 programs. Each N tile
   recomputes it: r/BN extra tensor-core work (6 % at BN = 256) instead of a second read of x. Not for nf4 swap-AB
   tiles nor pre-quantized fp8 x (`lora_unfusable_reason`); `grouped_lora_mm` picks the path by that rule and by
-  ``MOE_OPS_LORA_FUSED`` (default "1"; "0" = unfused, for A/B runs).
+  ``MOE_OPS_LORA_FUSED`` (default "0" = unfused; "1" = fused). Measured on the H200 at Qwen3-30B-A3B shapes, 16k
+  tokens (reports/bench/raw/lora-breakdown-84f6496.txt): the fused launches cost +713 us over the base GEMMs, the
+  unfused ones +590 us (the second accumulator chain in the K loop costs more than the activation read it saves).
 
 Weight formats (`GroupedWeight`):
 
@@ -120,7 +122,8 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     nf4_mode: int = 1
-    nf4_select: int = 0  # 1: NF4 values by a select tree instead of a gather from the code table
+    nf4_select: int = 2  # NF4 values: 0 = gather from the code table in memory, 1 = select tree, 2 = tl.gather from a
+    # register copy of the table (decode kernel, H200: 10-15 % faster than 0 at 16-64 tokens, sweep-decode-lut-84f6496)
 
 
 # ----------------------------------------------------------------------------------------------------- kernel pieces
@@ -128,9 +131,12 @@ class TileConfig:
 
 @triton.jit
 def _nf4_values(codes, code_ptr, SELECT: tl.constexpr):
-    """fp32 NF4 values of int32 4-bit codes: a gather from the 16-entry table, or (SELECT) a 4-level select tree
-    over the 16 table entries (no per-element memory access; the same fp32 values)."""
-    if SELECT:
+    """fp32 NF4 values of int32 4-bit codes [A, B]: SELECT 0 = a gather from the 16-entry table in memory, 1 = a
+    4-level select tree over the 16 entries, 2 = `tl.gather` from the table held in registers. The same fp32 values."""
+    if SELECT == 2:
+        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (codes.shape[0], 16))
+        return tl.gather(table, codes, 1)
+    elif SELECT == 1:
         b0 = (codes & 1) != 0
         b1 = (codes & 2) != 0
         b2 = (codes & 4) != 0
@@ -496,19 +502,17 @@ def uses_act_prequant(weight: GroupedWeight, rows: int, act_prequant: bool | Non
     return bool(act_prequant)
 
 
-SPLIT_DECODE_REASON = "nf4 split-K decode kernel (impl.ops.nf4_decode: too few rows for the K-loop kernel)"
+DECODE_MAX_ROWS_PER_EXPERT = 16
+DECODE_REASON = "nf4 decode kernel (impl.ops.nf4_decode) for <= 16 mean rows per expert"
 
 
-def nf4_split_decode(weight: GroupedWeight, trans: bool, rows: int, config: TileConfig | None) -> bool:
-    """True where `grouped_mm` hands an NF4 forward to `impl.ops.nf4_decode.nf4_decode_mm` (default tiles only): when
-    its `default_decode_config` splits K, i.e. the active (expert, N-tile) pairs alone are too few programs (1 token:
-    8 experts x 24 N tiles). Measured 38.8 vs 50.9 us (Qwen3 gate_up, 1 token, H200); no faster at 16+ tokens."""
+def nf4_decode_route(weight: GroupedWeight, trans: bool, rows: int, config: TileConfig | None) -> bool:
+    """True where `grouped_mm` hands an NF4 forward to `impl.ops.nf4_decode.nf4_decode_mm` (default tiles only): at
+    most DECODE_MAX_ROWS_PER_EXPERT mean rows per expert. H200, Qwen3-30B-A3B (sweep-decode-lut-84f6496, -5ee6e6e):
+    gate_up 254 vs 285 us at 64 tokens, 169 vs 192 at 16, 39 vs 51 at 1 (split K); down 132 vs 149, 88 vs 100."""
     if weight.fmt != FMT_NF4 or trans or config is not None or rows == 0:
         return False
-    from impl.ops.nf4_decode import default_decode_config  # imports this module
-
-    E, R, C = weight.shape
-    return default_decode_config(rows, E, R, C).SPLIT > 1
+    return rows / weight.num_experts <= DECODE_MAX_ROWS_PER_EXPERT
 
 
 def lora_unfusable_reason(weight: GroupedWeight, trans: bool, cfg: TileConfig, x_prequant: bool) -> str | None:
@@ -594,8 +598,8 @@ def grouped_mm(
                 raise ValueError(f"lora_down {tuple(lora_down.shape)} / lora_mid {tuple(lora_mid.shape)} "
                                  f"{lora_mid.dtype} do not match E={E}, K={kred}, S={S}, x dtype {x.dtype}")
             why = lora_unfusable_reason(weight, trans, cfg, x_fp8)
-            if why is None and nf4_split_decode(weight, trans, S, config):
-                why = SPLIT_DECODE_REASON
+            if why is None and nf4_decode_route(weight, trans, S, config):
+                why = DECODE_REASON
             if why is not None:
                 raise ValueError(f"fused LoRA not supported for weight {weight.fmt} {weight.shape}, x "
                                  f"{tuple(x.shape)}, trans={trans}, {cfg}: {why}")
@@ -611,8 +615,8 @@ def grouped_mm(
     else:
         r, rank_p = 0, 16
         la, lb = x, x.new_empty((1, 1, 1))
-    if nf4_split_decode(weight, trans, S, config):
-        from impl.ops.nf4_decode import nf4_decode_mm
+    if nf4_decode_route(weight, trans, S, config):
+        from impl.ops.nf4_decode import nf4_decode_mm  # it imports this module
 
         return nf4_decode_mm(x, weight, offsets, lora_in=la if has_lora else None, lora_out=lb if has_lora else None,
                              lora_scale=lora_scale, out=out, dot_fp32=dot_fp32)
@@ -652,15 +656,16 @@ def grouped_mm(
         E, R, C, nout, kred, kred if interpret_mode() else 0,
         WFMT=_FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, LORA_FUSED=fused, RANK_P=rank_p,
         E_P2=max(16, _next_pow2(E)), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_FP32=dot_fp32,
-        NF4_MODE=cfg.nf4_mode, X_FP8=x_fp8, NF4_SELECT=bool(cfg.nf4_select),
+        NF4_MODE=cfg.nf4_mode, X_FP8=x_fp8, NF4_SELECT=cfg.nf4_select,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
 def lora_fused_default() -> bool:
-    """``MOE_OPS_LORA_FUSED`` (read at every call, so one process can A/B both): "1" (default) fused, "0" unfused."""
-    v = os.environ.get("MOE_OPS_LORA_FUSED", "1")
+    """``MOE_OPS_LORA_FUSED`` (read at every call, so one process can A/B both): "0" (default, measured faster: see the
+    module docstring) unfused, "1" fused."""
+    v = os.environ.get("MOE_OPS_LORA_FUSED", "0")
     if v not in ("0", "1"):
         raise ValueError(f"MOE_OPS_LORA_FUSED must be '0' or '1', got {v!r}")
     return v == "1"
@@ -675,8 +680,8 @@ def lora_path(x: torch.Tensor, weight: GroupedWeight, *, trans: bool = False, fu
     S = x.shape[0]
     cfg = launch_config(weight.fmt, trans, S, E, C if trans else R, True, config)
     why = lora_unfusable_reason(weight, trans, cfg, uses_act_prequant(weight, S, act_prequant))
-    if why is None and nf4_split_decode(weight, trans, S, config):
-        why = SPLIT_DECODE_REASON
+    if why is None and nf4_decode_route(weight, trans, S, config):
+        why = DECODE_REASON
     return "fused" if why is None else f"unfused: {why}"
 
 
@@ -700,7 +705,8 @@ def grouped_lora_mm(
     U [E, r, out] (any strides). Forward of a LoRA layer: D_e = A_e.T, U_e = B_e.T, mid = xa; its input gradient
     (trans): D_e = B_e, U_e = A_e, mid = dy @ B_e.
 
-    fused (default `lora_fused_default`, env ``MOE_OPS_LORA_FUSED``): ONE launch, mid accumulated in the base K loop.
+    fused (`lora_fused_default`, env ``MOE_OPS_LORA_FUSED``, off by default): ONE launch, mid accumulated in the base
+    K loop.
     Where `lora_unfusable_reason` names a reason (pre-quantized fp8 x, nf4 swap-AB), or fused=False, two launches:
     ``mid = grouped_mm(x, D.T)`` (a second read of x), then the base GEMM with the epilogue loading mid.
     """

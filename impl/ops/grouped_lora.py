@@ -119,7 +119,7 @@ def grouped_linear(
     weight is frozen: gradients flow to x, lora_A and lora_B only.
 
     lora_fused: xa / dyb inside the base GEMMs' K loops (True) or by separate launches (False); None = env
-    ``MOE_OPS_LORA_FUSED`` ("1" default, "0"), read at this call and kept for its backward.
+    ``MOE_OPS_LORA_FUSED`` ("0" default, "1"), read at this call and kept for its backward.
     """
     E, R, C = weight.shape
     if (lora_A is None) != (lora_B is None):

@@ -9,11 +9,13 @@ optional LoRA epilogue ``+ s · la[m] @ lb_e``). With one token only top-k exper
 ``code[q] * absmax`` in fp32 rounded once to x's dtype, the arithmetic of `reference.nf4.dequantize_nf4`.
 
 Measured on an H200 (reports/bench/raw/sweep-decode-*.txt, Qwen3-30B-A3B shapes): 1 token gate_up 38.8 us vs 50.9 us
-for the unsplit K-loop kernel; at 16-64 tokens splitting does not help and neither did a register prefetch of the
-next byte tile, a 256-entry pair table, per-byte absmax, an un-interleaved even/odd two-dot form or a CUDA-core FMA
-form (0.06-0.44 TB/s). Diagnostics there: dropping the dot halves the time (the dequantized tile's conversion into
-an MMA operand), dropping the code lookup saves another third; so `grouped_mm` routes here only when
-`default_decode_config` splits.
+for the unsplit K-loop kernel; the code table held in registers (``tl.gather``, LUT=1) is 10-15 % faster than
+gathering from memory at 16-64 tokens (gate_up 254 vs 285 us at 64 tokens, bf16 ``torch._grouped_mm`` 261 us). No
+faster: splitting at 16+ tokens, a register prefetch of the next byte tile, a 256-entry pair table, per-byte absmax,
+an un-interleaved even/odd two-dot form, a CUDA-core FMA form (0.06-0.44 TB/s). Diagnostics: without the dot the
+kernel takes half the time (the dequantized tile's conversion into an MMA operand), without the code lookup a third
+less; loads + dequantization alone reach 1.25 TB/s of NF4. `grouped_mm` routes NF4 forwards with <= 16 mean rows per
+expert here (`impl.ops.grouped_gemm.nf4_decode_route`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class DecodeConfig:
     SPLIT: int = 0
     num_warps: int = 4
     num_stages: int = 1
-    LUT: int = 0  # code lookup: 0 = gather from the 16-entry table in global memory, 1 = tl.gather from registers
+    LUT: int = 1  # code lookup: 0 = gather from the 16-entry table in memory, 1 = tl.gather from registers
 
 
 @triton.jit
@@ -54,7 +56,7 @@ def _nf4_decode_kernel(
     E, R, C, K_ITERS: tl.constexpr,
     HAS_LORA: tl.constexpr, RANK_P: tl.constexpr, E_P2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
-    LUT: tl.constexpr = 0,
+    LUT: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)

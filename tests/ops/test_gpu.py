@@ -23,12 +23,14 @@ from impl.ops.baselines import torch_grouped_linear  # noqa: E402
 from impl.ops.combine import combine  # noqa: E402
 from impl.ops.fp8_rowwise import fp8_rowwise_grouped_mm, quantize_weight_rowwise  # noqa: E402
 from impl.ops.grouped_gemm import (  # noqa: E402
+    DECODE_REASON,
     FMT_BF16,
     GroupedWeight,
     TileConfig,
     grouped_lora_mm,
     grouped_mm,
     lora_path,
+    nf4_decode_route,
     quantize_act_1x128,
 )
 from impl.ops.grouped_lora import grouped_linear  # noqa: E402
@@ -165,9 +167,13 @@ def test_nf4_dequantize_matches_reference_on_gpu():
 def test_grouped_linear_lora_real_shapes(weights, fmt, policy, r, T, fused):
     gw = weights[fmt][0]
     _, R, C = gw.shape
-    if fused:  # not silently unfused: every bf16/nf4 launch of this layer fuses
+    if fused:  # not silently unfused: every bf16/nf4 launch of this layer fuses, except by the decode rule
         xq = torch.empty(T * K, C, device=DEV, dtype=torch.bfloat16)
-        assert lora_path(xq, gw, fused=True) == lora_path(xq[:, :R], gw, trans=True, fused=True) == "fused"
+        probe = gw if policy != "dequant" else GroupedWeight(FMT_BF16, gw.shape, torch.empty(gw.shape, device=DEV,
+                                                                                          dtype=torch.bfloat16))
+        fwd = f"unfused: {DECODE_REASON}" if nf4_decode_route(probe, False, T * K, None) else "fused"
+        assert lora_path(xq, probe, fused=True) == fwd
+        assert lora_path(xq[:, :R], probe, trans=True, fused=True) == "fused"
     _, idx = routing(T, seed=r)
     idx[idx == E - 1] = 0  # expert E-1 gets no rows
     _, _, offs = sort_pairs(idx, E)
@@ -208,6 +214,7 @@ FUSED_TILES = [("bf16", 0, 4096, False, None, "fused"), ("bf16", 1, 4096, True, 
                ("nf4", 0, 4096, False, TileConfig(128, 128, 64, 8, 3, 1), "fused"),
                ("nf4", 0, 300, True, None, "fused"), ("nf4", 1, 4096, True, None, "fused"),
                ("nf4", 0, 4, False, TileConfig(16, 128, 64, 4, 1, 2), "unfused: nf4 swap-AB"),
+               ("nf4", 0, 4, False, None, "unfused: nf4 decode kernel"),
                ("fp8_block", 0, 4, False, None, "fused"), ("fp8_block", 1, 4, True, None, "fused"),
                ("fp8_block", 0, 4096, False, None, "unfused: fp8_block with pre-quantized")]
 

@@ -101,10 +101,11 @@ def test_rejects_non_nf4_and_bad_shapes():
         nf4_decode_mm(torch.randn(2, 64), gw, offs, config=DecodeConfig(BK=96))
 
 
-def test_grouped_mm_routes_few_rows_to_the_split_kernel():
-    """`grouped_mm` (default tiles) hands a small NF4 forward to the split-K kernel, LoRA included and unfused by
-    rule; the result equals the float64 reference, and a larger problem stays on the K-loop kernel."""
-    from impl.ops.grouped_gemm import SPLIT_DECODE_REASON, grouped_lora_mm, grouped_mm, lora_path, nf4_split_decode
+def test_grouped_mm_routes_few_rows_to_the_decode_kernel():
+    """`grouped_mm` (default tiles) hands an NF4 forward with <= 16 mean rows per expert to the decode kernel, LoRA
+    included and unfused by rule; the result equals the float64 reference; the input gradient and larger problems
+    stay on the K-loop kernel."""
+    from impl.ops.grouped_gemm import DECODE_REASON, grouped_lora_mm, grouped_mm, lora_path, nf4_decode_route
 
     torch.manual_seed(9)
     E, R, C, r, s = len(COUNTS), 48, 256, 3, 0.5
@@ -112,11 +113,11 @@ def test_grouped_mm_routes_few_rows_to_the_split_kernel():
     offs = torch.tensor(COUNTS).cumsum(0).to(torch.int32)
     n = int(offs[-1])
     x, a, b = torch.randn(n, C), torch.randn(E, C, r), torch.randn(E, r, R)
-    assert nf4_split_decode(gw, False, n, None)
-    assert not nf4_split_decode(gw, True, n, None) and not nf4_split_decode(gw, False, 10**6, None)
-    assert lora_path(x, gw) == f"unfused: {SPLIT_DECODE_REASON}"
+    assert nf4_decode_route(gw, False, n, None) and nf4_decode_route(gw, False, 16 * E, None)
+    assert not nf4_decode_route(gw, True, n, None) and not nf4_decode_route(gw, False, 16 * E + 1, None)
+    assert lora_path(x, gw, fused=True) == f"unfused: {DECODE_REASON}"
     assert rel(grouped_mm(x, gw, offs), loop_ref(x, wd, offs)) < CPU_TOL
-    y, mid = grouped_lora_mm(x, gw, offs, a, b, s)
+    y, mid = grouped_lora_mm(x, gw, offs, a, b, s, fused=True)
     la = loop_ref(x, a.transpose(1, 2).double(), offs)
     assert rel(mid, la) < CPU_TOL
     assert rel(y, loop_ref(x, wd, offs, la, b, s)) < CPU_TOL
