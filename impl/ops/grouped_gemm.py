@@ -323,6 +323,33 @@ def _e4m3_round_emulated(v, INTERP: tl.constexpr = True):
 
 
 @triton.jit
+def _expert_tile(offs_ptr, pid_m, E, E_P2: tl.constexpr, BM: tl.constexpr):
+    """(e, row_start, row_end) of M tile ``pid_m`` from the int32 END ``offsets`` (no host sync): the expert is found by
+    a prefix sum over ``ceil(count_e / BM)``; ``e == E`` for programs past the last tile (the caller returns)."""
+    eidx = tl.arange(0, E_P2)
+    ends = tl.load(offs_ptr + eidx, mask=eidx < E, other=0)
+    starts = tl.load(offs_ptr + eidx - 1, mask=(eidx > 0) & (eidx < E), other=0)
+    tiles = tl.where(eidx < E, (ends - starts + BM - 1) // BM, 0)
+    cum = tl.cumsum(tiles, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32))
+    sel = eidx == e
+    tile0 = tl.sum(tl.where(sel, cum - tiles, 0))
+    row_start = tl.sum(tl.where(sel, starts, 0)) + (pid_m - tile0) * BM
+    row_end = tl.sum(tl.where(sel, ends, 0))
+    return e, row_start, row_end
+
+
+@triton.jit
+def _add_lora(acc, la, lb, lora_scale, DOT_FP32: tl.constexpr):
+    """``acc [BM, BN] + lora_scale * la [BM, RANK_P] @ lb [RANK_P, BN]``."""
+    if DOT_FP32:
+        return acc + lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32))
+    # fold the scale into the small B tile and accumulate in place: a separate [BM, BN] fp32 result of the LoRA dot
+    # doubled the accumulator registers and spilled at 128x256 tiles
+    return tl.dot(la, (lb.to(tl.float32) * lora_scale).to(la.dtype), acc)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     x_ptr, stride_xm, stride_xk,
     xs_ptr, stride_xsm, stride_xsk,
@@ -342,19 +369,9 @@ def _grouped_gemm_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    # ---- tile schedule from the END offsets (no host sync)
-    eidx = tl.arange(0, E_P2)
-    ends = tl.load(offs_ptr + eidx, mask=eidx < E, other=0)
-    starts = tl.load(offs_ptr + eidx - 1, mask=(eidx > 0) & (eidx < E), other=0)
-    tiles = tl.where(eidx < E, (ends - starts + BM - 1) // BM, 0)
-    cum = tl.cumsum(tiles, 0)
-    e = tl.sum((cum <= pid_m).to(tl.int32))
+    e, row_start, row_end = _expert_tile(offs_ptr, pid_m, E, E_P2, BM)
     if e >= E:
         return
-    sel = eidx == e
-    tile0 = tl.sum(tl.where(sel, cum - tiles, 0))
-    row_start = tl.sum(tl.where(sel, starts, 0)) + (pid_m - tile0) * BM
-    row_end = tl.sum(tl.where(sel, ends, 0))
 
     rm = row_start + tl.arange(0, BM)
     mmask = rm < row_end
@@ -396,13 +413,7 @@ def _grouped_gemm_kernel(
                          mask=mmask[:, None] & rmask[None, :], other=0.0)
         lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + rn[None, :] * stride_lbn,
                      mask=rmask[:, None] & nmask[None, :], other=0.0)
-        if DOT_FP32:
-            acc += lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32))
-        else:
-            # fold the scale into the small B tile and accumulate in place: a separate [BM, BN] fp32 result of the
-            # LoRA dot doubled the accumulator registers and spilled at 128x256 tiles
-            lbs = (lb.to(tl.float32) * lora_scale).to(la.dtype)
-            acc = tl.dot(la, lbs, acc)
+        acc = _add_lora(acc, la, lb, lora_scale, DOT_FP32)
     tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 

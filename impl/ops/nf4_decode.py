@@ -26,7 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.ops.grouped_gemm import FMT_NF4, NF4_BLOCK, GroupedWeight, _next_pow2, interpret_mode
+from impl.ops.grouped_gemm import (
+    FMT_NF4,
+    NF4_BLOCK,
+    GroupedWeight,
+    _add_lora,
+    _expert_tile,
+    _next_pow2,
+    interpret_mode,
+)
 
 
 @dataclass(frozen=True)
@@ -61,19 +69,9 @@ def _nf4_decode_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    # ---- tile schedule from the END offsets (as impl.ops.grouped_gemm)
-    eidx = tl.arange(0, E_P2)
-    ends = tl.load(offs_ptr + eidx, mask=eidx < E, other=0)
-    starts = tl.load(offs_ptr + eidx - 1, mask=(eidx > 0) & (eidx < E), other=0)
-    tiles = tl.where(eidx < E, (ends - starts + BM - 1) // BM, 0)
-    cum = tl.cumsum(tiles, 0)
-    e = tl.sum((cum <= pid_m).to(tl.int32))
+    e, row_start, row_end = _expert_tile(offs_ptr, pid_m, E, E_P2, BM)
     if e >= E:
         return
-    sel = eidx == e
-    tile0 = tl.sum(tl.where(sel, cum - tiles, 0))
-    row_start = tl.sum(tl.where(sel, starts, 0)) + (pid_m - tile0) * BM
-    row_end = tl.sum(tl.where(sel, ends, 0))
 
     rm = row_start + tl.arange(0, BM)
     mmask = rm < row_end
@@ -120,10 +118,7 @@ def _nf4_decode_kernel(
                          mask=mmask[:, None] & rmask[None, :], other=0.0)
             lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + rn[None, :] * stride_lbn,
                          mask=rmask[:, None] & nmask[None, :], other=0.0)
-            if DOT_FP32:
-                out += lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32))
-            else:
-                out = tl.dot(la, (lb.to(tl.float32) * lora_scale).to(la.dtype), out)
+            out = _add_lora(out, la, lb, lora_scale, DOT_FP32)
     omask = mmask[:, None] & nmask[None, :]
     if SPLIT == 1:
         tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, out.to(y_ptr.dtype.element_ty), mask=omask)
