@@ -15,7 +15,6 @@ history of impl/ops/nf4_decode.py (commits 5ee6e6e..60bd952) and their outputs i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -85,8 +84,7 @@ def main(argv=None):
         D = DecodeConfig
         stage_a = [D(16, 64, 128, 1, 4), D(16, 32, 256, 1, 4), D(16, 64, 256, 1, 4), D(16, 128, 128, 1, 4),
                    D(16, 128, 128, 1, 8), D(16, 128, 256, 1, 8), D(32, 64, 128, 1, 4), D(16, 64, 64, 1, 4),
-                   D(16, 64, 128, 1, 4, LUT=0), D(16, 64, 64, 1, 4, SCALE_AFTER=1), D(16, 128, 64, 1, 8, SCALE_AFTER=1),
-                   D(16, 32, 64, 1, 4, SCALE_AFTER=1), D(16, 64, 64, 1, 2, SCALE_AFTER=1)]
+                   D(16, 64, 128, 1, 4, LUT=1), D(16, 128, 128, 1, 8, LUT=1), D(16, 64, 256, 1, 4, LUT=1)]
         best: dict[str, list[DecodeConfig]] = {}
         for T in sorted(tokens, key=lambda t: -t):
             logits = torch.randn(T, E, device=DEV)
@@ -109,7 +107,7 @@ def main(argv=None):
                     cands = []
                     for c in best.get(name, [])[:2]:
                         for sp in (1, 2, 4, 8):
-                            cands.append(dataclasses.replace(c, SPLIT=sp))
+                            cands.append(DecodeConfig(c.BM, c.BN, c.BK, sp, c.num_warps, c.num_stages, c.LUT))
                     cands.append(default_decode_config(T * K, E, R, C))
                 timed = []
                 for cfg in cands:

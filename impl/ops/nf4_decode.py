@@ -16,17 +16,10 @@ an un-interleaved even/odd two-dot form, a CUDA-core FMA form (0.06-0.44 TB/s). 
 kernel takes half the time (the dequantized tile's conversion into an MMA operand), without the code lookup a third
 less; loads + dequantization alone reach 1.25 TB/s of NF4. `grouped_mm` routes NF4 forwards with <= 16 mean rows per
 expert here (`impl.ops.grouped_gemm.nf4_decode_route`).
-
-SCALE_AFTER (BK = 64, env ``MOE_OPS_NF4_DECODE_SCALE_AFTER=1``): every 64-column block has one absmax per weight row,
-so ``sum_k code[q_nk] * absmax_n * x_km = absmax_n * sum_k code[q_nk] * x_km``: the dot runs on the code values in x's
-dtype and the fp32 absmax scales the [BN, BM] partial sums, which removes the per-element multiply and fp32 -> bf16
-conversion. The operand is bf16(code) instead of bf16(code * absmax): a different rounding of the same NF4 weight, of
-the same size (<= 2^-9 relative), so the result is not bitwise that of dequantize-then-GEMM.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +49,6 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 1
     LUT: int = 1  # code lookup: 0 = gather from the 16-entry table in memory, 1 = tl.gather from registers
-    SCALE_AFTER: int = 0  # 1 (BK == 64): dot on x-dtype code values, absmax applied to the [BN, BM] partial sums
 
 
 @triton.jit
@@ -72,7 +64,7 @@ def _nf4_decode_kernel(
     E, R, C, K_ITERS: tl.constexpr,
     HAS_LORA: tl.constexpr, RANK_P: tl.constexpr, E_P2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
-    LUT: tl.constexpr = 1, SCALE_AFTER: tl.constexpr = 0,
+    LUT: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -101,33 +93,22 @@ def _nf4_decode_kernel(
                        mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0).to(tl.int32)
         am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
                      mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
+        if LUT:
+            table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BN, 16))
+            vals = tl.interleave(tl.gather(table, (byte >> 4) & 15, 1), tl.gather(table, byte & 15, 1))
+        else:
+            vals = tl.interleave(tl.load(code_ptr + ((byte >> 4) & 15)), tl.load(code_ptr + (byte & 15)))  # high first
+        NB: tl.constexpr = BK // 64
+        if NB == 1:
+            w = vals * am
+        else:
+            w = tl.reshape(tl.reshape(vals, (BN, NB, 64)) * am[:, :, None], (BN, BK))
         xt = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + kx)[:, None] * stride_xk,
                      mask=mmask[None, :] & ((k0 + kx) < C)[:, None], other=0.0)  # [BK, BM]
-        if SCALE_AFTER:  # BK == 64: one absmax per weight row and tile, so it scales the partial sums instead
-            table = tl.load(code_ptr + tl.arange(0, 16))
-            if not DOT_FP32:
-                table = table.to(xt.dtype)
-            table = tl.broadcast_to(table[None, :], (BN, 16))
-            codes = tl.interleave(tl.gather(table, (byte >> 4) & 15, 1), tl.gather(table, byte & 15, 1))
-            if DOT_FP32:
-                acc += tl.dot(codes, xt.to(tl.float32)) * am
-            else:
-                acc += tl.dot(codes, xt) * am
+        if DOT_FP32:
+            acc += tl.dot(w, xt.to(tl.float32))
         else:
-            if LUT:
-                table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BN, 16))
-                vals = tl.interleave(tl.gather(table, (byte >> 4) & 15, 1), tl.gather(table, byte & 15, 1))
-            else:  # high nibble first
-                vals = tl.interleave(tl.load(code_ptr + ((byte >> 4) & 15)), tl.load(code_ptr + (byte & 15)))
-            NB: tl.constexpr = BK // 64
-            if NB == 1:
-                w = vals * am
-            else:
-                w = tl.reshape(tl.reshape(vals, (BN, NB, 64)) * am[:, :, None], (BN, BK))
-            if DOT_FP32:
-                acc += tl.dot(w, xt.to(tl.float32))
-            else:
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
     out = tl.trans(acc)  # [BM, BN]
     if HAS_LORA:
         if pid_k == 0:
@@ -167,23 +148,12 @@ def default_decode_config(rows: int, num_experts: int, R: int, C: int) -> Decode
     otherwise: measured no faster at 16-64 tokens). Without a host sync the M tiles are estimated as
     max(min(E, rows), rows / BM): each active expert has at least one, and there are at least rows / BM."""
     cfg = DecodeConfig()
-    if scale_after_default():
-        cfg = DecodeConfig(BK=64, SCALE_AFTER=1)
     programs = max(min(num_experts, rows), triton.cdiv(rows, cfg.BM)) * triton.cdiv(R, cfg.BN)
     k_tiles = triton.cdiv(C, cfg.BK)
     split = 1
     while programs * split < 4 * SM_COUNT and split * 2 <= k_tiles and split < 16:
         split *= 2
-    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.num_warps, cfg.num_stages, cfg.LUT, cfg.SCALE_AFTER)
-
-
-def scale_after_default() -> bool:
-    """``MOE_OPS_NF4_DECODE_SCALE_AFTER`` (read at every call, for A/B benchmark runs): "0" (default) dequantize each
-    weight exactly (``code[q] * absmax`` in fp32, one rounding), "1" the SCALE_AFTER form."""
-    v = os.environ.get("MOE_OPS_NF4_DECODE_SCALE_AFTER", "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"MOE_OPS_NF4_DECODE_SCALE_AFTER must be '0' or '1', got {v!r}")
-    return v == "1"
+    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.num_warps, cfg.num_stages, cfg.LUT)
 
 
 def nf4_decode_mm(
@@ -212,8 +182,8 @@ def nf4_decode_mm(
                          f"on {offsets.device}")
     S = x.shape[0]
     cfg = config or default_decode_config(S, E, R, C)
-    if cfg.BK % NF4_BLOCK or cfg.BM < 16 or cfg.BN < 16 or (cfg.SCALE_AFTER and cfg.BK != NF4_BLOCK):
-        raise ValueError(f"decode config {cfg}: need BK % 64 == 0 (BK == 64 with SCALE_AFTER), BM >= 16, BN >= 16")
+    if cfg.BK % NF4_BLOCK or cfg.BM < 16 or cfg.BN < 16:
+        raise ValueError(f"decode config {cfg}: need BK % 64 == 0, BM >= 16 and BN >= 16")
     if dot_fp32 is None:
         dot_fp32 = interpret_mode()
     if out is None:
@@ -254,7 +224,7 @@ def nf4_decode_mm(
         float(lora_scale), r,
         E, R, C, K_ITERS=k_iters,
         HAS_LORA=lora_in is not None, RANK_P=rank_p, E_P2=max(16, _next_pow2(E)),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DOT_FP32=dot_fp32, LUT=cfg.LUT, SCALE_AFTER=cfg.SCALE_AFTER,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DOT_FP32=dot_fp32, LUT=cfg.LUT,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:

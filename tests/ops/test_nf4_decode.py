@@ -58,7 +58,6 @@ def loop_ref(x, wd, offs, la=None, lb=None, s=1.0):
     DecodeConfig(BM=16, BN=64, BK=128, SPLIT=2),  # 5 K tiles of 64 in 3 tiles of 128 over 2 splits (one partial)
     DecodeConfig(BM=32, BN=16, BK=64, SPLIT=3),  # 5 tiles over 3 splits of 2 iterations, the last one short
     DecodeConfig(BM=16, BN=32, BK=128, SPLIT=2, LUT=1),
-    DecodeConfig(BM=16, BN=32, BK=64, SPLIT=2, SCALE_AFTER=1),
 ])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_decode_matches_reference(cfg, double_quant):
@@ -100,18 +99,6 @@ def test_rejects_non_nf4_and_bad_shapes():
         nf4_decode_mm(torch.randn(2, 32), gw, offs)
     with pytest.raises(ValueError, match="BK % 64"):
         nf4_decode_mm(torch.randn(2, 64), gw, offs, config=DecodeConfig(BK=96))
-    with pytest.raises(ValueError, match="SCALE_AFTER"):
-        nf4_decode_mm(torch.randn(2, 64), gw, offs, config=DecodeConfig(BK=128, SCALE_AFTER=1))
-
-
-def test_scale_after_switch(monkeypatch):
-    assert default_decode_config(8, 128, 1536, 2048).SCALE_AFTER == 0
-    monkeypatch.setenv("MOE_OPS_NF4_DECODE_SCALE_AFTER", "1")
-    cfg = default_decode_config(8, 128, 1536, 2048)
-    assert cfg.SCALE_AFTER == 1 and cfg.BK == 64
-    monkeypatch.setenv("MOE_OPS_NF4_DECODE_SCALE_AFTER", "x")
-    with pytest.raises(ValueError, match="MOE_OPS_NF4_DECODE_SCALE_AFTER"):
-        default_decode_config(8, 128, 1536, 2048)
 
 
 def test_grouped_mm_routes_few_rows_to_the_decode_kernel():
