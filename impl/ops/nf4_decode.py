@@ -12,7 +12,9 @@ Measured on an H200 (reports/bench/raw/sweep-decode-*.txt, Qwen3-30B-A3B shapes)
 for the unsplit K-loop kernel; the code table held in registers (``tl.gather``, LUT=1) is 10-15 % faster than
 gathering from memory at 16-64 tokens (gate_up 254 vs 285 us at 64 tokens, bf16 ``torch._grouped_mm`` 261 us). No
 faster: splitting at 16+ tokens, a register prefetch of the next byte tile, a 256-entry pair table, per-byte absmax,
-an un-interleaved even/odd two-dot form, a CUDA-core FMA form (0.06-0.44 TB/s). Diagnostics: without the dot the
+an un-interleaved even/odd two-dot form, a CUDA-core FMA form (0.06-0.44 TB/s), and (BK = 64) the dot on bf16
+code values with the absmax applied to the partial sums (Qwen layer graph at 16 / 64 tokens: 347 / 491 us vs
+326 / 467 us, reports/bench/raw/decode-scale*-8832922.json). Diagnostics: without the dot the
 kernel takes half the time (the dequantized tile's conversion into an MMA operand), without the code lookup a third
 less; loads + dequantization alone reach 1.25 TB/s of NF4. `grouped_mm` routes NF4 forwards with <= 16 mean rows per
 expert here (`impl.ops.grouped_gemm.nf4_decode_route`).
