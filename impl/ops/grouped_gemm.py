@@ -583,6 +583,14 @@ def grouped_mm(
         dot_fp32 = interpret_mode()
     fused = lora_down is not None
     has_lora = lora_in is not None or fused
+    if nf4_decode_route(weight, trans, S, config):  # it validates its own arguments
+        if fused:
+            raise ValueError(f"fused LoRA not supported for weight {weight.fmt} {weight.shape}, x {tuple(x.shape)}, "
+                             f"trans={trans}: {DECODE_REASON}")
+        from impl.ops.nf4_decode import nf4_decode_mm  # it imports this module
+
+        return nf4_decode_mm(x, weight, offsets, lora_in=lora_in, lora_out=lora_out, lora_scale=lora_scale, out=out,
+                             dot_fp32=dot_fp32)
     cfg = launch_config(weight.fmt, trans, S, E, nout, has_lora, config)
     if weight.fmt == FMT_FP8 and cfg.BK != FP8_BLOCK:
         raise ValueError(f"fp8_block needs BK == 128, got {cfg}")
@@ -609,8 +617,6 @@ def grouped_mm(
                 raise ValueError(f"lora_down {tuple(lora_down.shape)} / lora_mid {tuple(lora_mid.shape)} "
                                  f"{lora_mid.dtype} do not match E={E}, K={kred}, S={S}, x dtype {x.dtype}")
             why = lora_unfusable_reason(weight, trans, cfg, x_fp8)
-            if why is None and nf4_decode_route(weight, trans, S, config):
-                why = DECODE_REASON
             if why is not None:
                 raise ValueError(f"fused LoRA not supported for weight {weight.fmt} {weight.shape}, x "
                                  f"{tuple(x.shape)}, trans={trans}, {cfg}: {why}")
@@ -626,11 +632,6 @@ def grouped_mm(
     else:
         r, rank_p = 0, 16
         la, lb = x, x.new_empty((1, 1, 1))
-    if nf4_decode_route(weight, trans, S, config):
-        from impl.ops.nf4_decode import nf4_decode_mm  # it imports this module
-
-        return nf4_decode_mm(x, weight, offsets, lora_in=la if has_lora else None, lora_out=lb if has_lora else None,
-                             lora_scale=lora_scale, out=out, dot_fp32=dot_fp32)
     w = weight.data
     if weight.fmt == FMT_NF4:
         ws = (0, 0, 0)
