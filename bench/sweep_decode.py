@@ -84,7 +84,7 @@ def main(argv=None):
         D = DecodeConfig
         stage_a = [D(16, 64, 128, 1, 4), D(16, 32, 256, 1, 4), D(16, 64, 256, 1, 4), D(16, 128, 128, 1, 4),
                    D(16, 128, 128, 1, 8), D(16, 128, 256, 1, 8), D(32, 64, 128, 1, 4), D(16, 64, 64, 1, 4),
-                   D(16, 64, 128, 1, 4, nf4_select=2), D(16, 128, 128, 1, 8, nf4_select=2), D(16, 64, 256, 1, 4, nf4_select=2)]
+                   D(16, 64, 128, 1, 4, LUT=1), D(16, 128, 128, 1, 8, LUT=1), D(16, 64, 256, 1, 4, LUT=1)]
         best: dict[str, list[DecodeConfig]] = {}
         for T in sorted(tokens, key=lambda t: -t):
             logits = torch.randn(T, E, device=DEV)
@@ -107,7 +107,7 @@ def main(argv=None):
                     cands = []
                     for c in best.get(name, [])[:2]:
                         for sp in (1, 2, 4, 8):
-                            cands.append(DecodeConfig(c.BM, c.BN, c.BK, sp, c.num_warps, c.num_stages, c.nf4_select))
+                            cands.append(DecodeConfig(c.BM, c.BN, c.BK, sp, c.num_warps, c.num_stages, c.LUT))
                     cands.append(default_decode_config(T * K, E, R, C))
                 timed = []
                 for cfg in cands:

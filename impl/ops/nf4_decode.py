@@ -9,7 +9,7 @@ optional LoRA epilogue ``+ s · la[m] @ lb_e``). With one token only top-k exper
 ``code[q] * absmax`` in fp32 rounded once to x's dtype, the arithmetic of `reference.nf4.dequantize_nf4`.
 
 Measured on an H200 (reports/bench/raw/sweep-decode-*.txt, Qwen3-30B-A3B shapes): 1 token gate_up 38.8 us vs 50.9 us
-for the unsplit K-loop kernel; the code table held in registers (``tl.gather``, nf4_select=2) is 10-15 % faster than
+for the unsplit K-loop kernel; the code table held in registers (``tl.gather``, LUT=1) is 10-15 % faster than
 gathering from memory at 16-64 tokens (gate_up 254 vs 285 us at 64 tokens, bf16 ``torch._grouped_mm`` 261 us). No
 faster: splitting at 16+ tokens, a register prefetch of the next byte tile, a 256-entry pair table, per-byte absmax,
 an un-interleaved even/odd two-dot form, a CUDA-core FMA form (0.06-0.44 TB/s), and (BK = 64) the dot on bf16
@@ -35,7 +35,6 @@ from impl.ops.grouped_gemm import (
     _add_lora,
     _expert_tile,
     _next_pow2,
-    _nf4_tile,
     interpret_mode,
 )
 
@@ -51,7 +50,7 @@ class DecodeConfig:
     SPLIT: int = 0
     num_warps: int = 4
     num_stages: int = 1
-    nf4_select: int = 2  # the code lookup of `impl.ops.grouped_gemm._nf4_values` (2: table in registers)
+    LUT: int = 1  # code lookup: 0 = gather from the 16-entry table in memory, 1 = tl.gather from registers
 
 
 @triton.jit
@@ -67,7 +66,7 @@ def _nf4_decode_kernel(
     E, R, C, K_ITERS: tl.constexpr,
     HAS_LORA: tl.constexpr, RANK_P: tl.constexpr, E_P2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
-    NF4_SELECT: tl.constexpr = 2,
+    LUT: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -82,13 +81,32 @@ def _nf4_decode_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     nmask = rn < R
     e64 = e.to(tl.int64)
-    e_base = e64 * R * C  # int64: E*R*C may be >= 2^31
+    n64 = rn.to(tl.int64)
+    row_byte = e64 * R * (C // 2) + n64 * (C // 2)  # [BN] int64: first byte of each weight row (E*R*C may be >= 2^31)
+    row_am = e64 * R * (C // 64) + n64 * (C // 64)
+    kb = tl.arange(0, BK // 2)
+    ka = tl.arange(0, BK // 64)
     kx = tl.arange(0, BK)
     k_lo = pid_k * (K_ITERS * BK)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for i in range(K_ITERS):
         k0 = k_lo + i * BK
-        w = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rn, k0, R, C, BK, NF4_SELECT)  # fp32 [BN, BK]
+        byte = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + kb)[None, :],
+                       mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0).to(tl.int32)
+        am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
+                     mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
+        # not `impl.ops.grouped_gemm._nf4_tile`: it interleaves the codes before one lookup on [BN, BK]; here the two
+        # half tiles are looked up first, which measured 254 vs 393 us (Qwen gate_up, 64 tokens; sweep-decode-7b9d2e3)
+        if LUT:
+            table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BN, 16))
+            vals = tl.interleave(tl.gather(table, (byte >> 4) & 15, 1), tl.gather(table, byte & 15, 1))
+        else:
+            vals = tl.interleave(tl.load(code_ptr + ((byte >> 4) & 15)), tl.load(code_ptr + (byte & 15)))  # high first
+        NB: tl.constexpr = BK // 64
+        if NB == 1:
+            w = vals * am
+        else:
+            w = tl.reshape(tl.reshape(vals, (BN, NB, 64)) * am[:, :, None], (BN, BK))
         xt = tl.load(x_ptr + rm64[None, :] * stride_xm + (k0 + kx)[:, None] * stride_xk,
                      mask=mmask[None, :] & ((k0 + kx) < C)[:, None], other=0.0)  # [BK, BM]
         if DOT_FP32:
@@ -139,7 +157,7 @@ def default_decode_config(rows: int, num_experts: int, R: int, C: int) -> Decode
     split = 1
     while programs * split < 4 * SM_COUNT and split * 2 <= k_tiles and split < 16:
         split *= 2
-    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.num_warps, cfg.num_stages, cfg.nf4_select)
+    return DecodeConfig(cfg.BM, cfg.BN, cfg.BK, split, cfg.num_warps, cfg.num_stages, cfg.LUT)
 
 
 def nf4_decode_mm(
@@ -210,7 +228,7 @@ def nf4_decode_mm(
         float(lora_scale), r,
         E, R, C, K_ITERS=k_iters,
         HAS_LORA=lora_in is not None, RANK_P=rank_p, E_P2=max(16, _next_pow2(E)),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DOT_FP32=dot_fp32, NF4_SELECT=cfg.nf4_select,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DOT_FP32=dot_fp32, LUT=cfg.LUT,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:

@@ -57,7 +57,7 @@ def loop_ref(x, wd, offs, la=None, lb=None, s=1.0):
     DecodeConfig(BM=16, BN=32, BK=64, SPLIT=1),
     DecodeConfig(BM=16, BN=64, BK=128, SPLIT=2),  # 5 K tiles of 64 in 3 tiles of 128 over 2 splits (one partial)
     DecodeConfig(BM=32, BN=16, BK=64, SPLIT=3),  # 5 tiles over 3 splits of 2 iterations, the last one short
-    DecodeConfig(BM=16, BN=32, BK=128, SPLIT=2, nf4_select=2),
+    DecodeConfig(BM=16, BN=32, BK=128, SPLIT=2, LUT=1),
 ])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_decode_matches_reference(cfg, double_quant):
