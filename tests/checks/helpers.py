@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from impl import compat, loading, zoo
-from impl import train as tr
+from impl import compat, loading
 from impl.quant_experts import DenseConfig, FP8Config, NF4Config, QuantizedExperts
+from tests.support import train as tr
+from tests.support import zoo
 
 SEED = 0
 VARIANT = "2i_ne_h"

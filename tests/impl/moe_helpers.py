@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from impl import zoo
 from impl.quant_experts import DenseConfig, FP8Config, NF4Config, QuantizedExperts
 from reference import experts as ref_experts
 from reference.lora import LoraFactors
+from tests.support import zoo
 
 KINDS = ("dense", "nf4", "fp8")
 # a family with fused 3-D experts in the installed transformers (4.57: only GPT-OSS)

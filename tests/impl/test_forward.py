@@ -22,7 +22,6 @@ from torch import nn
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from impl import zoo  # noqa: E402
 from impl.forward import BACKENDS, Backend, _loop_linear, register_backend  # noqa: E402
 from impl.loading import quantize_experts  # noqa: E402
 from impl.quant_experts import QuantizedExperts, QuantizedExpertsError  # noqa: E402
@@ -38,6 +37,7 @@ from tests.impl.moe_helpers import (  # noqa: E402
     routing_inputs,
     tiny,
 )
+from tests.support import zoo  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 BF16 = torch.bfloat16

@@ -25,13 +25,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
-from impl import zoo  # noqa: E402
 from impl.loading import load_model, quantize_experts  # noqa: E402
 from impl.quant_experts import FP8Config, NF4Config, QuantizedExperts, QuantizedExpertsError  # noqa: E402
 from reference import experts as ref_experts  # noqa: E402
 from reference import nf4 as ref_nf4  # noqa: E402
 from reference import routing as ref_routing  # noqa: E402
 from tests.impl.moe_helpers import REL_TOL, rel_err, tiny  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 V = zoo.installed_version()

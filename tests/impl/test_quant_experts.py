@@ -16,7 +16,6 @@ import torch
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
 
-from impl import zoo  # noqa: E402
 from impl.loading import quantize_experts  # noqa: E402
 from impl.quant_experts import (  # noqa: E402
     WEIGHT_NAMES,
@@ -30,6 +29,7 @@ from impl.quant_experts import (  # noqa: E402
 from reference import fp8 as ref_fp8  # noqa: E402
 from reference import nf4 as ref_nf4  # noqa: E402
 from tests.impl.moe_helpers import FUSED_FAMILY, quant_config, tiny  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 FAMILY = FUSED_FAMILY
