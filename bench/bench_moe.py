@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from impl.ops.baselines import torch_grouped_linear  # noqa: E402
+from impl.ops.formats import FMT_BF16, GroupedWeight  # noqa: E402
 from impl.ops.fp8_rowwise import fp8_rowwise_linear, quantize_weight_rowwise  # noqa: E402
-from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight  # noqa: E402
 from impl.ops.grouped_lora import grouped_linear  # noqa: E402
 from impl.ops.moe_layer import moe_layer, sort_pairs  # noqa: E402
 from impl.ops.quant import quantize_fp8_block_experts, quantize_nf4_experts  # noqa: E402

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.ops.grouped_gemm import _e4m3_round_emulated, interpret_mode
+from impl.ops.formats import interpret_mode
+from impl.ops.jit_helpers import e4m3_round_emulated
+from impl.ops.launches import tracked
 
 
 @dataclass
@@ -43,6 +45,7 @@ def quantize_weight_rowwise(w: torch.Tensor, eps: float = 1e-12) -> RowwiseFP8We
     return RowwiseFP8Weight(q, scale)
 
 
+@tracked
 @triton.jit
 def _rowwise_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -51,7 +54,7 @@ def _rowwise_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0), 1e-12)  # IEEE division, as the reference
     q = tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0)
-    q = _e4m3_round_emulated(q, False)  # RNE in fp32 first: Triton's cast rounds twice (via fp16)
+    q = e4m3_round_emulated(q, False)  # RNE in fp32 first: Triton's cast rounds twice (via fp16)
     tl.store(q_ptr + row * stride_q + cols, q.to(tl.float8e4nv), mask=mask)
     tl.store(s_ptr + row, s)
 

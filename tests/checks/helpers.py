@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from impl import compat, loading
-from impl.quant_experts import DenseConfig, FP8Config, NF4Config, QuantizedExperts
+from impl.quant_experts import QuantizedExperts
+from impl.storage import DenseConfig, FP8Config, NF4Config
 from tests.support import train as tr
 from tests.support import zoo
 

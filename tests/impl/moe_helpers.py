@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from impl.quant_experts import DenseConfig, FP8Config, NF4Config, QuantizedExperts
+from impl.quant_experts import QuantizedExperts
+from impl.storage import DenseConfig, FP8Config, NF4Config
 from reference import experts as ref_experts
 from reference.lora import LoraFactors
 from tests.support import zoo

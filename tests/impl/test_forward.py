@@ -22,9 +22,11 @@ from torch import nn
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from impl.forward import BACKENDS, Backend, _loop_linear, register_backend  # noqa: E402
+from impl.backends import BACKENDS, register_backend  # noqa: E402
 from impl.loading import quantize_experts  # noqa: E402
-from impl.quant_experts import QuantizedExperts, QuantizedExpertsError  # noqa: E402
+from impl.quant_experts import QuantizedExperts  # noqa: E402
+from impl.storage import QuantizedExpertsError  # noqa: E402
+from impl.torch_backend import LoopBackend  # noqa: E402
 from reference.layout import Orientation, peft_swaps  # noqa: E402
 from reference.lora import LoraFactors, convert_adapter  # noqa: E402
 from tests.impl.moe_helpers import (  # noqa: E402
@@ -239,13 +241,20 @@ def test_peft_parametrization_reaching_storage_raises():
         original_forward(outer, x, idx, w)
 
 
+class _Variant(LoopBackend):
+    """The loop backend under another name, with a capability switched off."""
+
+    def __init__(self, name, lora=True, backward=True):
+        self.name, self.lora, self.backward = name, lora, backward
+
+
 def test_backend_registry_refusals():
     pm, d = _peft(FUSED_FAMILIES[0], "nf4")
     outer, inner = _wrappers(pm)
     q = inner.base_layer
     x, idx, w = routing_inputs(d["E"], d["H"], dtype=BF16)
-    register_backend(Backend("test_nolora", _loop_linear, lambda *a: True, lora=False))
-    register_backend(Backend("test_nobwd", _loop_linear, lambda *a: True, backward=False))
+    register_backend(_Variant("test_nolora", lora=False))
+    register_backend(_Variant("test_nobwd", backward=False))
     try:
         q.backend = "test_nolora"
         with pytest.raises(QuantizedExpertsError, match="cannot apply the LoRA"):

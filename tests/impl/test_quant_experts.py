@@ -17,12 +17,12 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
 
 from impl.loading import quantize_experts  # noqa: E402
-from impl.quant_experts import (  # noqa: E402
+from impl.quant_experts import QuantizedExperts  # noqa: E402
+from impl.storage import (  # noqa: E402
     WEIGHT_NAMES,
     FP8Weight,
     NF4Config,
     NF4Weight,
-    QuantizedExperts,
     QuantizedExpertsError,
     storage_bytes,
 )

@@ -1,36 +1,26 @@
-"""One Triton grouped GEMM for MoE experts, with the weight dequantization fused into the K loop.
+"""The K-loop grouped GEMM kernel: rows sorted by expert, the weight dequantized inside the reduction loop.
 
-Problem (rows already sorted by expert; ``offsets`` = int32 cumulative END offsets ``[E]``, as `reference.dispatch`)::
+Problem (``offsets`` = int32 cumulative END offsets ``[E]``, as `reference.dispatch`)::
 
     not trans:  y[m, :] = x[m, :] @ W_e.T      x [S, C] -> y [S, R]     (forward of F.linear-layout W [E, R, C])
     trans:      y[m, :] = x[m, :] @ W_e        x [S, R] -> y [S, C]     (input gradient of the same layer)
 
-for ``offsets[e-1] <= m < offsets[e]``, plus an optional fused LoRA epilogue
-``y[m, :] += lora_scale * la[m, :] @ lb_e`` with ``la [S, r]`` and ``lb [E, r, out]``, where ``la`` is either
+for ``offsets[e-1] <= m < offsets[e]``, plus an optional LoRA epilogue ``y[m, :] += lora_scale * la[m, :] @ lb_e``
+with ``la [S, r]`` and ``lb [E, r, out]``, where ``la`` is either
 
 - given (``lora_in``; the unfused path: a separate narrow launch computed it, reading x a second time), or
 - computed in the same K loop (``lora_down`` D ``[E, K, r]``): ``la = x @ D_e`` accumulated in fp32 from the x tiles
   the base product already loaded (the rank padded to RANK_P >= 16 with masks), rounded to x's dtype before the
   epilogue (what the unfused path stores and loads) and stored to ``lora_mid`` by the N-tile-0 programs. Each N tile
   recomputes it: r/BN extra tensor-core work (6 % at BN = 256) instead of a second read of x. Not for nf4 swap-AB
-  tiles nor pre-quantized fp8 x (`lora_unfusable_reason`); `grouped_lora_mm` picks the path by that rule and by
-  ``MOE_OPS_LORA_FUSED`` (default "0" = unfused; "1" = fused). Measured on the H200 at Qwen3-30B-A3B shapes, 16k
-  tokens (reports/bench/raw/lora-breakdown-84f6496.txt): the fused launches cost +713 us over the base GEMMs, the
-  unfused ones +590 us (the second accumulator chain in the K loop costs more than the activation read it saves).
+  tiles nor pre-quantized fp8 x (`lora_unfusable_reason`). Which path runs is decided in `impl.ops.dispatch`.
 
-Weight formats (`GroupedWeight`):
-
-- ``bf16``: ``W [E, R, C]`` (any strides);
-- ``nf4``: bitsandbytes NF4 of the flattened ``[E, R, C]`` tensor: ``packed`` uint8 ``[E·R·C/2]`` (first element in the
-  HIGH nibble), fp32 ``absmax [E·R·C/64]`` (blocksize 64; a double-quantized absmax is de-nested ONCE at load time with
-  `reference.nf4.absmax_of`), the 16-entry ``code``. Needs ``C % 64 == 0`` (every block lies in one row).
-- ``fp8_block``: e4m3 ``q [E, R, C]`` and fp32 ``scale_inv [E, ceil(R/128), ceil(C/128)]`` (dequant multiplier); the
-  activation is quantized per row and per 128 reduction columns inside the kernel (1x128, ``scale = max(amax/448,
-  1e-12)``), as ``reference.fp8.quantize_fp8_block(x, block=(1, 128))`` does.
+Weight formats: `impl.ops.formats` (bf16, nf4 with K-loop dequantization, fp8_block with in-kernel 1x128 activation
+quantization or a separate pre-quantization pass, `uses_act_prequant`).
 
 The tile schedule is built inside the kernel from ``offsets`` (no host sync): program ``(pid_n, pid_m)`` finds its expert
 by a prefix sum over ``ceil(count_e / BM)``; programs past the last tile exit at once. Experts with no rows get no
-tiles. Rows past ``offsets[-1]`` are not written.
+tiles. Rows past ``offsets[-1]`` are not written. Tile sizes: `default_config` (measured, see its docstring).
 
 Under ``TRITON_INTERPRET=1`` (CPU) pass ``dot_fp32=True``: the interpreter's bf16/fp8 ``tl.dot`` is unreliable.
 """
@@ -43,67 +33,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-FMT_BF16 = "bf16"
-FMT_NF4 = "nf4"
-FMT_FP8 = "fp8_block"
-_FMT_ID = {FMT_BF16: 0, FMT_NF4: 1, FMT_FP8: 2}
-NF4_BLOCK = 64
-FP8_BLOCK = 128
-E4M3_MAX = 448.0
-FP8_EPS = 1e-12
-
-
-@dataclass
-class GroupedWeight:
-    """Expert weights of logical shape ``[E, R, C]`` (F.linear layout: R = out features, C = in features).
-
-    fmt: FMT_BF16 (data = W), FMT_NF4 (data = packed uint8 flat, scale = fp32 absmax flat, code = fp32 [16]) or
-    FMT_FP8 (data = e4m3 [E, R, C], scale = fp32 scale_inv [E, ceil(R/128), ceil(C/128)]).
-    """
-
-    fmt: str
-    shape: tuple[int, int, int]
-    data: torch.Tensor
-    scale: torch.Tensor | None = None
-    code: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        E, R, C = self.shape
-        if self.fmt == FMT_BF16:
-            if tuple(self.data.shape) != (E, R, C):
-                raise ValueError(f"bf16 weight: data shape {tuple(self.data.shape)} != {self.shape}")
-        elif self.fmt == FMT_NF4:
-            n = E * R * C
-            if C % NF4_BLOCK:
-                raise ValueError(f"nf4 weight {self.shape}: C={C} must be a multiple of the blocksize {NF4_BLOCK}")
-            if self.data.dtype != torch.uint8 or self.data.numel() != n // 2:
-                raise ValueError(f"nf4 packed must be uint8 with {n // 2} bytes, got {self.data.dtype} {self.data.numel()}")
-            if self.scale is None or self.scale.dtype != torch.float32 or self.scale.numel() != n // NF4_BLOCK:
-                raise ValueError(f"nf4 absmax must be fp32 with {n // NF4_BLOCK} entries (de-nested), got "
-                                 f"{None if self.scale is None else (self.scale.dtype, self.scale.numel())}")
-            if self.code is None or self.code.numel() != 16 or self.code.dtype != torch.float32:
-                raise ValueError("nf4 code must be fp32 [16]")
-        elif self.fmt == FMT_FP8:
-            if self.data.dtype != torch.float8_e4m3fn or tuple(self.data.shape) != (E, R, C):
-                raise ValueError(f"fp8 weight must be float8_e4m3fn {self.shape}, got {self.data.dtype} {tuple(self.data.shape)}")
-            grid = (E, -(-R // FP8_BLOCK), -(-C // FP8_BLOCK))
-            if self.scale is None or tuple(self.scale.shape) != grid or self.scale.dtype != torch.float32:
-                raise ValueError(f"fp8 scale_inv must be fp32 {grid}, got "
-                                 f"{None if self.scale is None else (self.scale.dtype, tuple(self.scale.shape))}")
-        else:
-            raise ValueError(f"unknown weight format {self.fmt!r}; expected one of {sorted(_FMT_ID)}")
-
-    @property
-    def num_experts(self) -> int:
-        return self.shape[0]
-
-    def nbytes(self) -> int:
-        n = self.data.numel() * self.data.element_size()
-        if self.scale is not None:
-            n += self.scale.numel() * self.scale.element_size()
-        return n
+from impl.ops.formats import FMT_FP8, FMT_ID, FMT_NF4, FP8_BLOCK, NF4_BLOCK, GroupedWeight, interpret_mode, next_pow2
+from impl.ops.jit_helpers import add_lora, e4m3_round_emulated, expert_tile, nf4_tile, nf4_tile_kmajor
+from impl.ops.launches import tracked
 
 
 @dataclass(frozen=True)
@@ -125,81 +58,6 @@ class TileConfig:
     nf4_select: int = 2  # NF4 values: 0 = gather from the code table in memory, 1 = select tree, 2 = tl.gather from a
     # register copy of the table (decode kernel, H200: 10-15 % faster than 0 at 16-64 tokens, sweep-decode-lut-84f6496)
 
-
-# ----------------------------------------------------------------------------------------------------- kernel pieces
-
-
-@triton.jit
-def _nf4_values(codes, code_ptr, SELECT: tl.constexpr):
-    """fp32 NF4 values of int32 4-bit codes [A, B]: SELECT 0 = a gather from the 16-entry table in memory, 1 = a
-    4-level select tree over the 16 entries, 2 = `tl.gather` from the table held in registers. The same fp32 values."""
-    if SELECT == 2:
-        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (codes.shape[0], 16))
-        return tl.gather(table, codes, 1)
-    elif SELECT == 1:
-        b0 = (codes & 1) != 0
-        b1 = (codes & 2) != 0
-        b2 = (codes & 4) != 0
-        b3 = (codes & 8) != 0
-        v0 = tl.where(b0, tl.load(code_ptr + 1), tl.load(code_ptr + 0))
-        v1 = tl.where(b0, tl.load(code_ptr + 3), tl.load(code_ptr + 2))
-        v2 = tl.where(b0, tl.load(code_ptr + 5), tl.load(code_ptr + 4))
-        v3 = tl.where(b0, tl.load(code_ptr + 7), tl.load(code_ptr + 6))
-        v4 = tl.where(b0, tl.load(code_ptr + 9), tl.load(code_ptr + 8))
-        v5 = tl.where(b0, tl.load(code_ptr + 11), tl.load(code_ptr + 10))
-        v6 = tl.where(b0, tl.load(code_ptr + 13), tl.load(code_ptr + 12))
-        v7 = tl.where(b0, tl.load(code_ptr + 15), tl.load(code_ptr + 14))
-        w0 = tl.where(b1, v1, v0)
-        w1 = tl.where(b1, v3, v2)
-        w2 = tl.where(b1, v5, v4)
-        w3 = tl.where(b1, v7, v6)
-        return tl.where(b3, tl.where(b2, w3, w2), tl.where(b2, w1, w0))
-    else:
-        return tl.load(code_ptr + codes)
-
-
-@triton.jit
-def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, e_base, rows, cols0, R, C, COLS: tl.constexpr,
-              SELECT: tl.constexpr = False):
-    """fp32 [ROWS, COLS] of W_e[rows, cols0:cols0+COLS]; e_base = e*R*C (even); cols0 % 64 == 0; C % 64 == 0."""
-    HALF: tl.constexpr = COLS // 2
-    cb = cols0 // 2 + tl.arange(0, HALF)
-    rmask = rows < R
-    bmask = rmask[:, None] & (cb < C // 2)[None, :]
-    byte_off = e_base // 2 + rows.to(tl.int64)[:, None] * (C // 2) + cb[None, :]
-    byte = tl.load(packed_ptr + byte_off, mask=bmask, other=0).to(tl.int32)
-    hi = (byte >> 4) & 15
-    lo = byte & 15
-    codes = tl.interleave(hi, lo)  # first element in the high nibble
-    vals = _nf4_values(codes, code_ptr, SELECT)
-    NB: tl.constexpr = COLS // 64
-    sb = cols0 // 64 + tl.arange(0, NB)
-    s_off = e_base // 64 + rows.to(tl.int64)[:, None] * (C // 64) + sb[None, :]
-    am = tl.load(absmax_ptr + s_off, mask=rmask[:, None] & (sb < C // 64)[None, :], other=0.0)
-    if NB == 1:
-        vals = vals * tl.reshape(am, (rows.shape[0], 1))
-    else:
-        vals = tl.reshape(tl.reshape(vals, (rows.shape[0], NB, 64)) * am[:, :, None], (rows.shape[0], COLS))
-    return vals
-
-
-@triton.jit
-def _nf4_tile_kmajor(packed_ptr, absmax_ptr, code_ptr, e_base, k0, rn, nmask, C, BK: tl.constexpr,
-                     OUT_DTYPE: tl.constexpr, SELECT: tl.constexpr = False):
-    """[BK, BN] tile with element (k, n) = W_e[n, k0 + k], built from the bytes [BK/2, BN] (two k per byte): the
-    high/low nibbles are joined on a new minor axis and folded into K, so no transpose of the dequantized tile."""
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    n64 = rn.to(tl.int64)
-    m = (kb < C // 2)[:, None] & nmask[None, :]
-    byte = tl.load(packed_ptr + e_base // 2 + n64[None, :] * (C // 2) + kb[:, None], mask=m, other=0).to(tl.int32)
-    if BK == 64:  # one absmax per n for the whole tile
-        am1 = tl.load(absmax_ptr + e_base // 64 + n64 * (C // 64) + k0 // 64, mask=nmask, other=0.0)
-        am = tl.broadcast_to(am1[None, :], (BK // 2, rn.shape[0]))
-    else:
-        am = tl.load(absmax_ptr + e_base // 64 + n64[None, :] * (C // 64) + (kb // 32)[:, None], mask=m, other=0.0)
-    hv = (_nf4_values((byte >> 4) & 15, code_ptr, SELECT) * am).to(OUT_DTYPE)
-    lv = (_nf4_values(byte & 15, code_ptr, SELECT) * am).to(OUT_DTYPE)
-    return tl.reshape(tl.permute(tl.join(hv, lv), (0, 2, 1)), (BK, rn.shape[0]))
 
 
 @triton.jit
@@ -245,26 +103,26 @@ def _k_loop(acc, xa, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk
         elif WFMT == 1:
             e_base = e64 * R * C
             if TRANS:  # rows = k (R axis), cols = n (C axis, contiguous)
-                wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rk, pid_n * BN, R, C, BN, SELECT)
+                wt = nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rk, pid_n * BN, R, C, BN, SELECT)
                 if DOT_FP32:
                     acc += tl.dot(a.to(tl.float32), wt)
                 else:
                     acc = tl.dot(a, wt.to(a.dtype), acc)
             elif NF4_MODE == 2:  # swap-AB: the dequantized [BN, BK] tile is the A operand, no transpose
-                wt = _nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK, SELECT)
+                wt = nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK, SELECT)
                 if DOT_FP32:
                     acc += tl.dot(wt, at.to(tl.float32))
                 else:
                     acc = tl.dot(wt.to(at.dtype), at, acc)
             elif NF4_MODE == 1:
                 if DOT_FP32:
-                    wt = _nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, tl.float32, SELECT)
+                    wt = nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, tl.float32, SELECT)
                     acc += tl.dot(a.to(tl.float32), wt)
                 else:
-                    wt = _nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, a.dtype, SELECT)
+                    wt = nf4_tile_kmajor(w_ptr, s_ptr, code_ptr, e_base, k0, rn, nmask, C, BK, a.dtype, SELECT)
                     acc = tl.dot(a, wt, acc)
             else:  # rows = n (R axis), cols = k (C axis, contiguous), transposed in registers
-                wt = tl.trans(_nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK, SELECT))
+                wt = tl.trans(nf4_tile(w_ptr, s_ptr, code_ptr, e_base, rn, k0, R, C, BK, SELECT))
                 if DOT_FP32:
                     acc += tl.dot(a.to(tl.float32), wt)
                 else:
@@ -282,9 +140,9 @@ def _k_loop(acc, xa, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk
                 xs = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # IEEE division, as the reference
                 aqf = tl.clamp(tl.math.div_rn(af, xs[:, None]), -448.0, 448.0)
                 if DOT_FP32:
-                    aq = _e4m3_round_emulated(aqf, True)
+                    aq = e4m3_round_emulated(aqf, True)
                 else:
-                    aq = _e4m3_round_emulated(aqf, False).to(tl.float8e4nv)
+                    aq = e4m3_round_emulated(aqf, False).to(tl.float8e4nv)
             if TRANS:
                 b = tl.load(w_ptr + e64 * stride_we + rk[:, None] * stride_wr + rn[None, :] * stride_wc,
                             mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -303,52 +161,8 @@ def _k_loop(acc, xa, x_ptr, stride_xm, stride_xk, xs_ptr, stride_xsm, stride_xsk
     return acc, xa
 
 
-@triton.jit
-def _e4m3_round_emulated(v, INTERP: tl.constexpr = True):
-    """Round fp32 ``v`` (|v| <= 448) to the e4m3 grid in fp32, round-to-nearest-even, so the following cast to e4m3 is
-    exact. Needed on the GPU too: Triton's fp32 -> e4m3 cast rounds twice (through fp16: 30.999998 -> 31 -> 32, the
-    reference gives 30), which changed 0.11 % of the activation codes (H200, 2026-11-29). The interpreter has no
-    libdevice rint: round-half-even is built from floor (|t| < 16, so t + 0.5 is exact); its own cast is also wrong
-    when the mantissa rounds up (126.2 -> 64)."""
-    bits = v.to(tl.int32, bitcast=True)
-    ex = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # floor(log2 |v|), subnormal range clamped to 2^-6
-    step = ((ex - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(ex-3): 3 mantissa bits
-    t = v / step  # exact: a power of two
-    if INTERP:
-        r = tl.floor(t + 0.5)
-        r = tl.where((r - t == 0.5) & (tl.floor(r * 0.5) * 2.0 != r), r - 1.0, r)  # a tie rounded to odd: to even
-    else:
-        r = libdevice.rint(t)
-    return r * step
 
-
-@triton.jit
-def _expert_tile(offs_ptr, pid_m, E, E_P2: tl.constexpr, BM: tl.constexpr):
-    """(e, row_start, row_end) of M tile ``pid_m`` from the int32 END ``offsets`` (no host sync): the expert is found by
-    a prefix sum over ``ceil(count_e / BM)``; ``e == E`` for programs past the last tile (the caller returns)."""
-    eidx = tl.arange(0, E_P2)
-    ends = tl.load(offs_ptr + eidx, mask=eidx < E, other=0)
-    starts = tl.load(offs_ptr + eidx - 1, mask=(eidx > 0) & (eidx < E), other=0)
-    tiles = tl.where(eidx < E, (ends - starts + BM - 1) // BM, 0)
-    cum = tl.cumsum(tiles, 0)
-    e = tl.sum((cum <= pid_m).to(tl.int32))
-    sel = eidx == e
-    tile0 = tl.sum(tl.where(sel, cum - tiles, 0))
-    row_start = tl.sum(tl.where(sel, starts, 0)) + (pid_m - tile0) * BM
-    row_end = tl.sum(tl.where(sel, ends, 0))
-    return e, row_start, row_end
-
-
-@triton.jit
-def _add_lora(acc, la, lb, lora_scale, DOT_FP32: tl.constexpr):
-    """``acc [BM, BN] + lora_scale * la [BM, RANK_P] @ lb [RANK_P, BN]``."""
-    if DOT_FP32:
-        return acc + lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32))
-    # fold the scale into the small B tile and accumulate in place: a separate [BM, BN] fp32 result of the LoRA dot
-    # doubled the accumulator registers and spilled at 128x256 tiles
-    return tl.dot(la, (lb.to(tl.float32) * lora_scale).to(la.dtype), acc)
-
-
+@tracked
 @triton.jit
 def _grouped_gemm_kernel(
     x_ptr, stride_xm, stride_xk,
@@ -369,7 +183,7 @@ def _grouped_gemm_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    e, row_start, row_end = _expert_tile(offs_ptr, pid_m, E, E_P2, BM)
+    e, row_start, row_end = expert_tile(offs_ptr, pid_m, E, E_P2, BM)
     if e >= E:
         return
 
@@ -413,11 +227,12 @@ def _grouped_gemm_kernel(
                          mask=mmask[:, None] & rmask[None, :], other=0.0)
         lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + rn[None, :] * stride_lbn,
                      mask=rmask[:, None] & nmask[None, :], other=0.0)
-        acc = _add_lora(acc, la, lb, lora_scale, DOT_FP32)
+        acc = add_lora(acc, la, lb, lora_scale, DOT_FP32)
     tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
 
+@tracked
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                       BMQ: tl.constexpr, EMULATE: tl.constexpr):
@@ -430,7 +245,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
     x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :], mask=m, other=0.0).to(tl.float32)
     sc = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0), 1e-12)  # IEEE division, as the reference
     q = tl.clamp(tl.math.div_rn(x, sc[:, None]), -448.0, 448.0)
-    q = _e4m3_round_emulated(q, EMULATE)  # exactly representable afterwards, so the cast below is exact
+    q = e4m3_round_emulated(q, EMULATE)  # exactly representable afterwards, so the cast below is exact
     tl.store(q_ptr + rm64[:, None] * stride_qm + rk[None, :], q.to(tl.float8e4nv), mask=m)
     tl.store(s_ptr + rm64 * stride_sm + kb, sc, mask=rm < M)
 
@@ -449,16 +264,6 @@ def quantize_act_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                                       BMQ=BMQ, EMULATE=interpret_mode(), num_warps=4)
     return q, sc
 
-
-# ----------------------------------------------------------------------------------------------------- python API
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def default_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int) -> TileConfig:
@@ -513,18 +318,6 @@ def uses_act_prequant(weight: GroupedWeight, rows: int, act_prequant: bool | Non
     return bool(act_prequant)
 
 
-DECODE_MAX_ROWS_PER_EXPERT = 16
-DECODE_REASON = "nf4 decode kernel (impl.ops.nf4_decode) for <= 16 mean rows per expert"
-
-
-def nf4_decode_route(weight: GroupedWeight, trans: bool, rows: int, config: TileConfig | None) -> bool:
-    """True where `grouped_mm` hands an NF4 forward to `impl.ops.nf4_decode.nf4_decode_mm` (default tiles only): at
-    most DECODE_MAX_ROWS_PER_EXPERT mean rows per expert. H200, Qwen3-30B-A3B (sweep-decode-lut-84f6496, -5ee6e6e):
-    gate_up 254 vs 285 us at 64 tokens, 169 vs 192 at 16, 39 vs 51 at 1 (split K); down 132 vs 149, 88 vs 100."""
-    if weight.fmt != FMT_NF4 or trans or config is not None or rows == 0:
-        return False
-    return rows / weight.num_experts <= DECODE_MAX_ROWS_PER_EXPERT
-
 
 def lora_unfusable_reason(weight: GroupedWeight, trans: bool, cfg: TileConfig, x_prequant: bool) -> str | None:
     """Why the LoRA down-projection cannot run inside this base launch's K loop (None: it can)."""
@@ -535,62 +328,16 @@ def lora_unfusable_reason(weight: GroupedWeight, trans: bool, cfg: TileConfig, x
     return None
 
 
-def grouped_mm(
-    x: torch.Tensor,
-    weight: GroupedWeight,
-    offsets: torch.Tensor,
-    *,
-    trans: bool = False,
-    lora_in: torch.Tensor | None = None,
-    lora_out: torch.Tensor | None = None,
-    lora_scale: float = 1.0,
-    lora_down: torch.Tensor | None = None,
-    lora_mid: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    config: TileConfig | None = None,
-    dot_fp32: bool | None = None,
-    act_prequant: bool | None = None,
-) -> torch.Tensor:
-    """Grouped ``x @ W_e.T`` (``trans=False``: x [S, C] -> [S, R]) or ``x @ W_e`` (``trans=True``: x [S, R] -> [S, C]).
 
-    offsets: int32 [E] END offsets on x's device (``offsets[-1] <= S``; rows past it are left unwritten).
-    LoRA epilogue ``y[m] += lora_scale * mid[m] @ lora_out[e]`` with lora_out [E, r, out] (any strides), where
-
-    - unfused: ``mid = lora_in`` [S, r], given;
-    - fused (``lora_down`` [E, K, r], any strides; ``lora_mid`` [S, r] in x's dtype, written): ``mid = x @ lora_down[e]``
-      accumulated in fp32 in the base K loop from the same x tiles, rounded to x's dtype, stored into ``lora_mid``
-      and used in the epilogue (so exactly what the unfused path would load). Raises where `lora_unfusable_reason`
-      says the launch cannot fuse (use `grouped_lora_mm`, which picks the unfused path by that rule).
-
-    Output dtype: x's dtype (bf16/fp16/fp32). ``dot_fp32`` defaults to True under TRITON_INTERPRET=1.
-    fp8_block: ``act_prequant`` quantizes x (1x128) in a separate pass first (default: when the mean rows per expert
-    exceed 16, where quantizing in every N tile would cost more than one extra pass over x).
-    """
+def kloop_mm(x: torch.Tensor, weight: GroupedWeight, offsets: torch.Tensor, *, trans: bool, lora_in, lora_out,
+             lora_scale: float, lora_down, lora_mid, out, config: TileConfig | None, dot_fp32: bool,
+             act_prequant: bool | None) -> torch.Tensor:  # fmt: skip
+    """The K-loop launch of `impl.ops.dispatch.grouped_mm` (same arguments, already checked there)."""
     E, R, C = weight.shape
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [S, K], got shape {tuple(x.shape)}")
     S, kred = x.shape
-    nout, want_k = (C, R) if trans else (R, C)
-    if kred != want_k:
-        raise ValueError(f"x {tuple(x.shape)} does not match weight {weight.shape} (trans={trans}): need K={want_k}")
-    if offsets.dtype != torch.int32 or offsets.shape != (E,):
-        raise ValueError(f"offsets must be int32 [E={E}], got {offsets.dtype} {tuple(offsets.shape)}")
-    if offsets.device != x.device:
-        raise ValueError(f"offsets on {offsets.device}, x on {x.device}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"x dtype {x.dtype} not supported (bf16/fp16/fp32)")
-    if dot_fp32 is None:
-        dot_fp32 = interpret_mode()
+    nout = C if trans else R
     fused = lora_down is not None
     has_lora = lora_in is not None or fused
-    if nf4_decode_route(weight, trans, S, config):  # it validates its own arguments
-        if fused:
-            raise ValueError(f"fused LoRA not supported for weight {weight.fmt} {weight.shape}, x {tuple(x.shape)}, "
-                             f"trans={trans}: {DECODE_REASON}")
-        from impl.ops.nf4_decode import nf4_decode_mm  # it imports this module
-
-        return nf4_decode_mm(x, weight, offsets, lora_in=lora_in, lora_out=lora_out, lora_scale=lora_scale, out=out,
-                             dot_fp32=dot_fp32)
     cfg = launch_config(weight.fmt, trans, S, E, nout, has_lora, config)
     if weight.fmt == FMT_FP8 and cfg.BK != FP8_BLOCK:
         raise ValueError(f"fp8_block needs BK == 128, got {cfg}")
@@ -627,7 +374,7 @@ def grouped_mm(
         if la.shape != (S, r) or lora_out.shape != (E, r, nout):
             raise ValueError(f"LoRA mid {tuple(la.shape)} / lora_out {tuple(lora_out.shape)} do not match "
                              f"S={S}, E={E}, out={nout}")
-        rank_p = max(16, _next_pow2(r))
+        rank_p = max(16, next_pow2(r))
         lb = lora_out
     else:
         r, rank_p = 0, 16
@@ -666,70 +413,10 @@ def grouped_mm(
         ld, ld.stride(0), ld.stride(1), ld.stride(2),
         float(lora_scale), r,
         E, R, C, nout, kred, kred if interpret_mode() else 0,
-        WFMT=_FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, LORA_FUSED=fused, RANK_P=rank_p,
-        E_P2=max(16, _next_pow2(E)), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_FP32=dot_fp32,
+        WFMT=FMT_ID[weight.fmt], TRANS=trans, HAS_LORA=has_lora, LORA_FUSED=fused, RANK_P=rank_p,
+        E_P2=max(16, next_pow2(E)), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_FP32=dot_fp32,
         NF4_MODE=cfg.nf4_mode, X_FP8=x_fp8, NF4_SELECT=cfg.nf4_select,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
-
-def lora_fused_default() -> bool:
-    """``MOE_OPS_LORA_FUSED`` (read at every call, so one process can A/B both): "0" (default, measured faster: see the
-    module docstring) unfused, "1" fused."""
-    v = os.environ.get("MOE_OPS_LORA_FUSED", "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"MOE_OPS_LORA_FUSED must be '0' or '1', got {v!r}")
-    return v == "1"
-
-
-def lora_path(x: torch.Tensor, weight: GroupedWeight, *, trans: bool = False, fused: bool | None = None,
-              config: TileConfig | None = None, act_prequant: bool | None = None) -> str:
-    """"fused" or "unfused: <why>": the path `grouped_lora_mm` takes for these arguments."""
-    if not (lora_fused_default() if fused is None else fused):
-        return "unfused: requested (fused=False / MOE_OPS_LORA_FUSED=0)"
-    E, R, C = weight.shape
-    S = x.shape[0]
-    cfg = launch_config(weight.fmt, trans, S, E, C if trans else R, True, config)
-    why = lora_unfusable_reason(weight, trans, cfg, uses_act_prequant(weight, S, act_prequant))
-    if why is None and nf4_decode_route(weight, trans, S, config):
-        why = DECODE_REASON
-    return "fused" if why is None else f"unfused: {why}"
-
-
-def grouped_lora_mm(
-    x: torch.Tensor,
-    weight: GroupedWeight,
-    offsets: torch.Tensor,
-    lora_down: torch.Tensor,
-    lora_up: torch.Tensor,
-    lora_scale: float,
-    *,
-    trans: bool = False,
-    fused: bool | None = None,
-    config: TileConfig | None = None,
-    dot_fp32: bool | None = None,
-    act_prequant: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, mid)`` with ``mid = x @ D_e`` [S, r] (x's dtype) and ``y = base(x) + lora_scale * mid @ U_e``.
-
-    base(x) as `grouped_mm` (``x @ W_e.T``, or ``x @ W_e`` when trans); ``lora_down`` D [E, K, r], ``lora_up``
-    U [E, r, out] (any strides). Forward of a LoRA layer: D_e = A_e.T, U_e = B_e.T, mid = xa; its input gradient
-    (trans): D_e = B_e, U_e = A_e, mid = dy @ B_e.
-
-    fused (`lora_fused_default`, env ``MOE_OPS_LORA_FUSED``, off by default): ONE launch, mid accumulated in the base
-    K loop.
-    Where `lora_unfusable_reason` names a reason (pre-quantized fp8 x, nf4 swap-AB), or fused=False, two launches:
-    ``mid = grouped_mm(x, D.T)`` (a second read of x), then the base GEMM with the epilogue loading mid.
-    """
-    path = lora_path(x, weight, trans=trans, fused=fused, config=config, act_prequant=act_prequant)
-    if path == "fused":
-        mid = torch.empty((x.shape[0], lora_down.shape[-1]), dtype=x.dtype, device=x.device)
-        y = grouped_mm(x, weight, offsets, trans=trans, lora_down=lora_down, lora_mid=mid, lora_out=lora_up,
-                       lora_scale=lora_scale, config=config, dot_fp32=dot_fp32, act_prequant=act_prequant)
-    else:
-        d_t = lora_down.transpose(1, 2)
-        mid = grouped_mm(x, GroupedWeight(FMT_BF16, tuple(d_t.shape), d_t), offsets, dot_fp32=dot_fp32)
-        y = grouped_mm(x, weight, offsets, trans=trans, lora_in=mid, lora_out=lora_up, lora_scale=lora_scale,
-                       config=config, dot_fp32=dot_fp32, act_prequant=act_prequant)
-    return y, mid
