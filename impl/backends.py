@@ -120,8 +120,9 @@ class Backend:
         return module._apply_gate(h)
 
     def combine(self, y: torch.Tensor, w: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """``out[t] = Σ_j w[t, j] · y[row of (t, j)]`` in fp32, summed in slot order."""
-        weighted = y.to(torch.float32) * w.reshape(-1)[routing.order].to(torch.float32).unsqueeze(-1)
+        """``out[t] = Σ_j w[t, j] · y[row of (t, j)]`` in fp32 (float64 for float64 y), summed in slot order."""
+        acc = torch.promote_types(y.dtype, torch.float32)
+        weighted = y.to(acc) * w.reshape(-1)[routing.order].to(acc).unsqueeze(-1)
         out = torch.empty_like(weighted).index_copy(0, routing.order, weighted)
         return out.view(w.shape[0], routing.k, -1).sum(dim=1)
 

@@ -46,6 +46,22 @@ def test_nf4_storage_is_reference_exact(shape, double_quant):
     assert torch.equal(st.dequantize(torch.float32), ref_nf4.dequantize_nf4(packed, state, torch.float32))
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_from_reference_codes_equals_bitsandbytes_storage(double_quant):
+    """`NF4Weight.from_state` (codes from `reference.nf4`, no bitsandbytes) holds the bytes bitsandbytes would, and
+    `absmax_fp32` (what the Triton kernels read) is the reference's de-nested absmax, bit for bit."""
+    w = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(4))
+    st = NF4Weight(w, blocksize=64, double_quant=double_quant)
+    packed, state = ref_nf4.quantize_nf4(w, 64, double_quant, nested_rounding=ref_nf4.BNB_CPU_LUT)
+    assert torch.equal(st.absmax_fp32(), ref_nf4.absmax_of(state))
+    if not double_quant:
+        mine = NF4Weight.from_state(packed, state.absmax, w.shape, 64)
+        assert torch.equal(mine.packed, st.packed) and torch.equal(mine.absmax, st.absmax)
+        assert torch.equal(mine.dequantize(torch.float32), st.dequantize(torch.float32))
+    with pytest.raises(QuantizedExpertsError, match="bytes"):
+        NF4Weight.from_state(packed[:-1], ref_nf4.absmax_of(state), w.shape, 64)
+
+
 def test_flat_state_dequant_is_exact_where_bnb_nd_kernel_is_not(record_property):
     """Why NF4Weight dequantizes with a flat state shape: on some CPUs (seen on this 2-core box; not on the H200 host)
     bitsandbytes 0.50.2's native CPU kernel mis-reads the blocks of a >= 2-D shape whose last dim is not a multiple of
