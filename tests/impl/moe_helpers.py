@@ -106,13 +106,13 @@ def ctx_tensors(out: torch.Tensor) -> list[torch.Tensor]:
     return held
 
 
-def held_for_backward(forward) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def held_for_backward(forward, root=lambda out: out) -> tuple[object, list[torch.Tensor]]:
     """``(out, tensors kept for its backward)``: ``forward()`` runs under ``saved_tensors_hooks`` (every saved tensor),
-    then the graph is walked for tensors held as custom-Function ``ctx`` attributes."""
+    then the graph of ``root(out)`` (a tensor, e.g. ``out.loss``) is walked for custom-Function ``ctx`` tensors."""
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = forward()
-    return out, saved + ctx_tensors(out)
+    return out, saved + ctx_tensors(root(out))
 
 
 def dense_copies(tensors: list[torch.Tensor], q: QuantizedExperts) -> list[tuple]:
