@@ -176,7 +176,8 @@ class NF4Weight(ExpertWeight):
                    orig_dtype: torch.dtype = torch.bfloat16) -> NF4Weight:  # fmt: skip
         """Storage from codes already quantized elsewhere (no double quant): ``packed`` uint8 with ``ceil(n/2)``
         bytes (high nibble first), fp32 ``absmax`` ``[ceil(n/blocksize)]``; e.g. `reference.nf4.quantize_nf4` or
-        `impl.ops.quant.quantize_nf4_experts` (bit-identical to bitsandbytes, so no bitsandbytes is needed)."""
+        `impl.ops.quant.quantize_nf4_experts` (bit-identical to bitsandbytes, so no bitsandbytes is needed). The
+        tensors are held as given (no copy)."""
         shape = torch.Size(shape)
         n = shape.numel()
         if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
@@ -188,8 +189,8 @@ class NF4Weight(ExpertWeight):
         self = cls.__new__(cls)
         ExpertWeight.__init__(self, shape)
         self.blocksize, self.double_quant, self.orig_dtype = int(blocksize), False, orig_dtype
-        self.register_buffer("packed", packed.reshape(-1, 1).clone())
-        self.register_buffer("absmax", absmax.to(torch.float32).reshape(-1).clone())
+        self.register_buffer("packed", packed.reshape(-1, 1))  # as given: no copy
+        self.register_buffer("absmax", absmax.to(torch.float32).reshape(-1))
         return self
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:

@@ -92,7 +92,11 @@ def _pad_to(n: int, element_size: int) -> int:
 
 def grouped_mm_aligned(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``a [S, K]`` @ ``b [E, K, N]`` per expert group (``offsets`` int32 END offsets) -> ``[S, N]`` via
-    ``torch._grouped_mm``; K and N zero-padded to 16-byte rows where they are not (exact), N sliced back."""
+    ``torch._grouped_mm``; K and N zero-padded to 16-byte rows where they are not (exact), N sliced back. ``b`` may be
+    any view (e.g. PEFT's stride-E factors, batch stride 1): it is made contiguous unless each expert's matrix is
+    already row- or column-major with the experts outermost."""
+    if not (b.is_contiguous() or b.transpose(-2, -1).is_contiguous()):
+        b = b.contiguous()
     K, N = b.shape[1], b.shape[2]
     kp, np_ = _pad_to(K, a.element_size()), _pad_to(N, a.element_size())
     if kp != K:

@@ -29,13 +29,13 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from impl.backends import BACKENDS, register_backend  # noqa: E402
-from impl.forward import LoraSpec, lora_attached  # noqa: E402
+from impl.forward import LoraSpec, expert_lora, lora_attached  # noqa: E402
 from impl.loading import quantize_experts  # noqa: E402
 from impl.quant_experts import QuantizedExperts  # noqa: E402
 from impl.storage import DenseConfig, QuantizedExpertsError  # noqa: E402
 from impl.torch_backend import LoopBackend  # noqa: E402
-from reference.layout import LayoutError, Orientation, peft_swaps  # noqa: E402
-from reference.lora import STRIDE_E, LoraFactors, convert_adapter  # noqa: E402
+from reference.layout import FUSED_LINEAR, GPT_OSS, LayoutError, Orientation, peft_swaps  # noqa: E402
+from reference.lora import STRIDE_E, LoraFactors, convert_adapter, delta_weight  # noqa: E402
 from tests.impl.moe_helpers import (  # noqa: E402
     F64,
     KINDS,
@@ -328,6 +328,49 @@ def _holder_with_lora(q):
     pm = peft.get_peft_model(Holder(q), peft.LoraConfig(r=R, lora_alpha=ALPHA, target_parameters=TARGETS))
     _randomize_lora_B(pm)
     return pm
+
+
+@pytest.mark.parametrize("r", [1, 3, 8, 16])
+def test_grouped_lora_matches_the_loop_for_any_rank(r):
+    """The grouped LoRA (rank zero-padded to a 16-byte multiple, or not; PEFT's stride-E views made contiguous) gives
+    the per-expert loop's output and LoRA gradients (fp32: bound 1e-5, moe_helpers.REL_TOL)."""
+    q, d = _experts(FUSED_FAMILIES[0], "dense", torch.float32)
+    pm = peft.get_peft_model(Holder(q), peft.LoraConfig(r=r, lora_alpha=2 * r, target_parameters=TARGETS))
+    _randomize_lora_B(pm)
+    x, idx, w = routing_inputs(d["E"], d["H"], dtype=torch.float32, skip=d["E"] - 1)
+    got = {}
+    for backend in ("grouped_mm", "loop"):
+        q.backend = backend
+        pm.zero_grad()
+        out = pm(x, idx, w)
+        out.square().sum().backward()
+        got[backend] = (out.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if "lora_" in n})
+    (y, gy), (ref, gref) = got["grouped_mm"], got["loop"]
+    assert rel_err(y, ref) <= REL_TOL[torch.float32]
+    assert len(gy) == 4
+    for n in gy:
+        assert rel_err(gy[n], gref[n]) <= REL_TOL[torch.float32], n
+
+
+@pytest.mark.parametrize("layout", [FUSED_LINEAR, GPT_OSS])
+@pytest.mark.parametrize("orientation", [Orientation.STANDARD, Orientation.SWAPPED])
+def test_expert_lora_is_the_sum_of_the_adapters_delta_weights(layout, orientation):
+    """`expert_lora` (one place: orientation -> per-expert down/up, adapters stacked along the rank) reproduces
+    ``Σ ΔW`` of `reference.lora.delta_weight` in the layer's input -> output sense (float64, exact up to rounding)."""
+    E, d1, d2 = 3, 10, 6
+    a, b = (d1, d2) if orientation is Orientation.STANDARD else (d2, d1)
+    g = torch.Generator().manual_seed(0)
+    specs = [LoraSpec(torch.randn(r * E, a, generator=g, dtype=F64), torch.randn(b, r * E, generator=g, dtype=F64), s,
+                      orientation.value, STRIDE_E) for r, s in ((2, 0.5), (3, 2.0))]  # fmt: skip
+    in_features = d2 if layout == FUSED_LINEAR else d1  # fused_linear W [E, out, in]; GPT-OSS W [E, in, out]
+    lora = expert_lora(specs, E, layout, in_features)
+    got = (lora.down @ lora.up) * lora.scaling  # [E, in, out]
+    want = sum(delta_weight(sp.lora_A, sp.lora_B, E, sp.scaling, orientation=sp.orientation, convention=STRIDE_E)
+               for sp in specs)  # fmt: skip
+    want = want.transpose(1, 2) if layout == FUSED_LINEAR else want
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(QuantizedExpertsError, match="input features"):
+        expert_lora(specs, E, layout, in_features + 1)
 
 
 @pytest.mark.parametrize("with_lora", [False, True])
