@@ -5,8 +5,7 @@
   `nf4_decode_route`), everything else to the K-loop kernel (`impl.ops.kloop`).
 - `grouped_lora_mm`: base + LoRA ``(y, mid)``, with ``mid = x @ D_e`` computed inside the base K loop (fused) or by a
   separate narrow launch (unfused; `lora_path` says which and why). ``MOE_OPS_LORA_FUSED`` (default "0" = unfused;
-  "1" = fused). Measured on the H200 at Qwen3-30B-A3B shapes, 16k tokens (reports/bench/NOTES.md): the unfused
-  launches cost less than the fused ones.
+  "1" = fused): the unfused launches measured cheaper (reports/bench/NOTES.md, "LoRA overhead").
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ DECODE_REASON = "nf4 decode kernel (impl.ops.nf4_decode) for <= 16 mean rows per
 
 def nf4_decode_route(weight: GroupedWeight, trans: bool, rows: int, config: TileConfig | None) -> bool:
     """True where `grouped_mm` hands an NF4 forward to `impl.ops.nf4_decode.nf4_decode_mm` (default tiles only): at
-    most DECODE_MAX_ROWS_PER_EXPERT mean rows per expert. H200, Qwen3-30B-A3B (sweep-decode-lut-84f6496, -5ee6e6e):
-    gate_up 254 vs 285 us at 64 tokens, 169 vs 192 at 16, 39 vs 51 at 1 (split K); down 132 vs 149, 88 vs 100."""
+    most DECODE_MAX_ROWS_PER_EXPERT mean rows per expert, where it measured faster than the K-loop kernel at every
+    token count (reports/bench/NOTES.md, "NF4 decode kernel")."""
     if weight.fmt != FMT_NF4 or trans or config is not None or rows == 0:
         return False
     return rows / weight.num_experts <= DECODE_MAX_ROWS_PER_EXPERT

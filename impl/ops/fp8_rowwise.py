@@ -3,8 +3,9 @@
 Weights ``[E, R, C]`` quantized per output row (``scale_w [E, R]`` = dequant multiplier, one per row of W_e, i.e. per
 output column of ``x @ W_e.T``); activations per row (``scale_x [S]``) by a one-pass Triton kernel. The op computes
 ``out[m, n] = sum_k xq[m, k] wq[e, n, k] * scale_x[m] * scale_w[e, n]``: both scales MULTIPLY (checked against
-`reference.fp8.dequantize_fp8` in tests/ops/test_fp8_rowwise.py). Not differentiable: the row scales of W lie along
-the reduction axis of the input gradient, so the frozen-base backward would need a second, column-wise copy.
+`reference.fp8.dequantize_fp8` by ``test_fp8_rowwise_scale_direction`` in tests/ops/test_gpu.py). Not differentiable:
+the row scales of W lie along the reduction axis of the input gradient, so the frozen-base backward would need a
+second, column-wise copy.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ quantization or a separate pre-quantization pass, `uses_act_prequant`).
 
 The tile schedule is built inside the kernel from ``offsets`` (no host sync): program ``(pid_n, pid_m)`` finds its expert
 by a prefix sum over ``ceil(count_e / BM)``; programs past the last tile exit at once. Experts with no rows get no
-tiles. Rows past ``offsets[-1]`` are not written. Tile sizes: `default_config` (measured, see its docstring).
+tiles. Rows past ``offsets[-1]`` are not written. Tile sizes: `default_config`.
 
 Under ``TRITON_INTERPRET=1`` (CPU) pass ``dot_fp32=True``: the interpreter's bf16/fp8 ``tl.dot`` is unreliable.
 """
@@ -56,7 +56,7 @@ class TileConfig:
     num_stages: int = 3
     nf4_mode: int = 1
     nf4_select: int = 2  # NF4 values: 0 = gather from the code table in memory, 1 = select tree, 2 = tl.gather from a
-    # register copy of the table (decode kernel, H200: 10-15 % faster than 0 at 16-64 tokens, sweep-decode-lut-84f6496)
+    # register copy of the table (measured fastest: reports/bench/NOTES.md, "Tile choices")
 
 
 
@@ -269,7 +269,7 @@ def quantize_act_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def default_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int) -> TileConfig:
     """Block sizes by the mean rows per expert (``rows / E``): decode (weight streaming), mid, prefill.
 
-    Picked from `bench/sweep_configs.py` on an H200 at Qwen3-30B-A3B shapes (reports/bench/*sweep*)."""
+    Picked from `bench/sweep_configs.py` on an H200 at Qwen3-30B-A3B shapes (reports/bench/NOTES.md, "Tile choices")."""
     per_expert = rows / max(1, num_experts)
     if fmt == FMT_FP8:
         if per_expert <= 16:
@@ -278,8 +278,7 @@ def default_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int
             return TileConfig(64, 128, 128, 4, 3)
         return TileConfig(128, 128, 128, 8, 3) if trans else TileConfig(64, 128, 128, 4, 4)
     if fmt == FMT_NF4:
-        # num_stages=1: Triton's software pipelining of the byte loads + code-table gathers was 1.4-12x SLOWER
-        # (sweep of 2026-11-29: 297 vs 562 us decode, 431 vs 940 us at 64 rows/expert, Qwen3 gate_up).
+        # num_stages=1: Triton's software pipelining of the byte loads + code-table gathers measured 1.4-12x SLOWER
         if per_expert <= 16:
             return TileConfig(16, 64, 128, 2, 1) if trans else TileConfig(16, 64, 64, 4, 1, nf4_mode=1)
         if per_expert <= 128:
@@ -303,8 +302,8 @@ def launch_config(fmt: str, trans: bool, rows: int, num_experts: int, nout: int,
     cfg = default_config(fmt, trans, rows, num_experts, nout)
     max_bn = int(os.environ.get("MOE_OPS_LORA_MAX_BN", "256"))
     if has_lora and cfg.BN > max_bn:
-        # a LoRA epilogue with a separate fp32 result spilled registers at 128x256 tiles (4.6x slower at 16k tokens);
-        # accumulating in place, 256 measured best (Qwen3 16k fwd_bwd: 7355 vs 7770 us at 128, 2026-11-29)
+        # a LoRA epilogue with a separate fp32 result spilled registers at 128x256 tiles; accumulating in place, 256
+        # measured best (reports/bench/NOTES.md, "Tile choices")
         cfg = TileConfig(cfg.BM, max_bn, cfg.BK, cfg.num_warps, cfg.num_stages, cfg.nf4_mode, cfg.nf4_select)
     return cfg
 

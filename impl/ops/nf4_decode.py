@@ -8,16 +8,9 @@ optional LoRA epilogue ``+ s · la[m] @ lb_e``). With one token only top-k exper
 ``[BN, BK]`` tile is the left operand of the dot (swap-AB: ``acc[BN, BM] = W_tile @ x_tile.T``); values are
 ``code[q] * absmax`` in fp32 rounded once to x's dtype, the arithmetic of `reference.nf4.dequantize_nf4`.
 
-Measured on an H200 (reports/bench/raw/sweep-decode-*.txt, Qwen3-30B-A3B shapes): 1 token gate_up 38.8 us vs 50.9 us
-for the unsplit K-loop kernel; the code table held in registers (``tl.gather``, LUT=1) is 10-15 % faster than
-gathering from memory at 16-64 tokens (gate_up 254 vs 285 us at 64 tokens, bf16 ``torch._grouped_mm`` 261 us). No
-faster: splitting at 16+ tokens, a register prefetch of the next byte tile, a 256-entry pair table, per-byte absmax,
-an un-interleaved even/odd two-dot form, a CUDA-core FMA form (0.06-0.44 TB/s), and (BK = 64) the dot on bf16
-code values with the absmax applied to the partial sums (Qwen layer graph at 16 / 64 tokens: 347 / 491 us vs
-326 / 467 us, reports/bench/raw/decode-scale*-8832922.json). Diagnostics: without the dot the
-kernel takes half the time (the dequantized tile's conversion into an MMA operand), without the code lookup a third
-less; loads + dequantization alone reach 1.25 TB/s of NF4. `grouped_mm` routes NF4 forwards with <= 16 mean rows per
-expert here (`impl.ops.dispatch.nf4_decode_route`).
+Split-K pays at one token only; the code table is held in registers (``tl.gather``, LUT=1). What was measured
+faster or slower, and what limits the kernel: reports/bench/NOTES.md ("NF4 decode kernel"). `grouped_mm` routes NF4
+forwards with <= 16 mean rows per expert here (`impl.ops.dispatch.nf4_decode_route`).
 """
 
 from __future__ import annotations
@@ -91,7 +84,7 @@ def _nf4_decode_kernel(
         am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
                      mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
         # not `impl.ops.jit_helpers.nf4_tile`: it interleaves the codes before one lookup on [BN, BK]; here the two
-        # half tiles are looked up first, which measured 254 vs 393 us (Qwen gate_up, 64 tokens; sweep-decode-7b9d2e3)
+        # half tiles are looked up first, which measured faster (reports/bench/NOTES.md, "NF4 decode kernel")
         if LUT:
             table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BN, 16))
             vals = tl.interleave(tl.gather(table, (byte >> 4) & 15, 1), tl.gather(table, byte & 15, 1))
