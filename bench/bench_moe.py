@@ -259,22 +259,12 @@ def model_experts(variant: str, H, I, E, k, W: dict) -> QuantizedExperts:
     return QuantizedExperts(original, cfg, weights=store, backend=MODEL_BACKEND)
 
 
-class Holder(nn.Module):
-    """The smallest model PEFT wraps around one experts module (target keys ``experts.<param>``)."""
-
-    def __init__(self, experts):
-        super().__init__()
-        self.experts = experts
-
-    def forward(self, x, idx, w):
-        return self.experts(x, idx, w)
-
-
 def peer_model(H, I, E, k, weights, loras):
     """(PEFT model, its experts module): transformers' grouped_mm experts with PEFT LoRA holding ``loras``' factors."""
     import peft
 
     from impl.peft_integration import wrapper_orientation
+    from tests.support.zoo import Holder
 
     ex = hf_experts(H, I, E, k, weights[0].data, weights[1].data)
     pm = peft.get_peft_model(Holder(ex), peft.LoraConfig(r=RANK, lora_alpha=int(RANK * LORA_SCALE),

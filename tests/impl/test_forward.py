@@ -49,6 +49,7 @@ from tests.impl.moe_helpers import (  # noqa: E402
     tiny,
 )
 from tests.support import zoo  # noqa: E402
+from tests.support.zoo import Holder  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 BF16 = torch.bfloat16
@@ -69,17 +70,6 @@ def _original(family, dtype=BF16):
     """(first experts module, describe()) of a cached tiny model; QuantizedExperts never modifies the original."""
     d = zoo.describe(tiny(family, dtype=dtype))
     return d["experts"][0], {k: d[k] for k in ("E", "H", "I")}
-
-
-class Holder(nn.Module):
-    """The smallest model PEFT can wrap around one experts module (target key ``experts.<param>``)."""
-
-    def __init__(self, experts):
-        super().__init__()
-        self.experts = experts
-
-    def forward(self, x, idx, w):
-        return self.experts(x, idx, w)
 
 
 def _experts(family, kind, dtype=BF16):
