@@ -4,7 +4,10 @@
   experts, and LoRA as two more: ``xa = x @ down[e]`` then ``Δy = s·xa @ up[e]`` (no per-expert Python loop).
   ``torch._grouped_mm`` needs every row stride to be a multiple of 16 bytes: a dimension that is not (e.g. a LoRA rank
   of 2, or I = 20 in bf16) is zero-padded to one that is, which is exact (zero rows/columns add nothing) and sliced
-  off the result. Its CPU kernel has no float64: that is the "loop" backend's, by explicit request.
+  off the result. Its CPU kernel has no float64: that is the "loop" backend's, by explicit request. On CPU, bf16 /
+  fp16 operands (the weight already rounded to the compute dtype) are multiplied in fp32 and the product rounded
+  back: the same arithmetic as the half-precision kernel (exact products, fp32 accumulation, one rounding of the
+  result), which on CPU measured 5-40x slower than fp32 at the test suite's sizes.
 - "loop": one ``torch.mm`` per expert with rows, for the base and for LoRA; any dtype and device.
 
 The base weight is frozen and stored quantized: `FrozenExpertsLinear` saves no dense copy for backward (only the
@@ -85,6 +88,13 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+def _operand_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``torch._grouped_mm`` multiplies ``t`` in: fp32 for bf16 / fp16 on CPU (module docstring)."""
+    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return t.dtype
+
+
 def _pad_to(n: int, element_size: int) -> int:
     step = _ALIGN_BYTES // element_size
     return -(-n // step) * step
@@ -126,17 +136,21 @@ class GroupedMMBackend(TorchBackend):
 
     def linear(self, x, weight, routing, in_out, dtype):
         W = weight.dequantize(dtype)
-        return grouped_mm_aligned(x.to(dtype), W if in_out else W.transpose(-2, -1), routing.offsets)
+        x = x.to(dtype)
+        op = _operand_dtype(x)
+        W = (W if in_out else W.transpose(-2, -1)).to(op)
+        return grouped_mm_aligned(x.to(op), W, routing.offsets).to(dtype)
 
     def lora_delta(self, x, lora, routing):
-        xs = x.to(lora.down.dtype)
+        op = _operand_dtype(lora.down)
+        xs = x.to(lora.down.dtype).to(op)
         r = lora.down.shape[-1]
         rp = _pad_to(r, xs.element_size())  # the rank is the N of the first GEMM and the K of the second
-        down, up = lora.down, lora.up.to(lora.down.dtype)
+        down, up = lora.down.to(op), lora.up.to(lora.down.dtype).to(op)
         if rp != r:
             down, up = F.pad(down, (0, rp - r)), F.pad(up, (0, 0, 0, rp - r))
         xa = grouped_mm_aligned(xs, down, routing.offsets)
-        return grouped_mm_aligned(xa, up, routing.offsets) * lora.scaling
+        return (grouped_mm_aligned(xa, up, routing.offsets) * lora.scaling).to(lora.down.dtype)
 
 
 # --- loop -------------------------------------------------------------------------------------------------------------
