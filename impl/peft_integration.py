@@ -43,10 +43,10 @@ from impl.quant_experts import (
     QuantizedExperts,
     QuantizedExpertsError,
 )
+from impl.sidecar import SIDECAR
 from reference.layout import LayoutError, Orientation, detect_orientation, parse_version, peft_swaps
 from reference.lora import STRIDE_E, delta_weight
 
-SIDECAR = "moe_compat.json"
 SIDECAR_FORMAT = 1
 _MARK = "_moe_compat_hook"
 

@@ -1,0 +1,9 @@
+"""Errors of the on-disk tools (merge, adapter and sidecar reading). Checkpoint errors are `impl.checkpoint`'s."""
+
+
+class MergeError(RuntimeError):
+    """A merge that cannot be done correctly (bad adapter, base/adapter mismatch, unapplied tensors, ...)."""
+
+
+class AdapterError(MergeError):
+    """An adapter directory or config the merge does not support, or whose tensors contradict its config."""
