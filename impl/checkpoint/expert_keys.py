@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from impl import compat
 from impl.checkpoint.header import Checkpoint, CheckpointError
 from reference.layout import FUSED_LINEAR, GPT_OSS
 
@@ -69,19 +70,26 @@ def find_expert_groups(ckpt: Checkpoint) -> dict[str, ExpertGroup]:
 
 
 def check_against_config(ckpt: Checkpoint, groups: dict[str, ExpertGroup]) -> None:
-    """Expert dims must match config.json: ``hidden_size`` = H and ``moe_intermediate_size`` (else
-    ``intermediate_size``) = I, where the config has them; otherwise CheckpointError naming the key and shapes."""
+    """Expert dims must match config.json where it has them: ``hidden_size`` = H, ``moe_intermediate_size`` (else
+    ``intermediate_size``) = I, and the family's experts-count field (``num_experts`` / ``num_local_experts`` /
+    ``n_routed_experts``, `impl.compat.num_experts_attr`) = E; otherwise CheckpointError naming the key and shapes."""
     cfg = ckpt.config.get("text_config") or ckpt.config
     want_h = cfg.get("hidden_size")
     want_i = cfg.get("moe_intermediate_size", cfg.get("intermediate_size"))
+    e_fields = sorted({compat.num_experts_attr(f) for f in compat.FAMILIES} & set(cfg))
     for g in groups.values():
         E, a, b = g.param_shapes["down"]
         H, I = (a, b) if g.layout == FUSED_LINEAR else (b, a)  # down [E, H, I] or gpt_oss [E, I, H]
+        key = g.keys["down"][0] if g.scheme == "per_expert" else g.keys["down"]
         for name, got, want in (("hidden_size", H, want_h), ("moe_intermediate_size/intermediate_size", I, want_i)):
             if want is not None and got != want:
-                key = g.keys["down"][0] if g.scheme == "per_expert" else g.keys["down"]
                 raise CheckpointError(
                     f"{key}: expert down shape {[a, b]} ({g.layout}) gives {name} = {got}, config.json says {want}"
+                )
+        for name in e_fields:
+            if cfg[name] != E:
+                raise CheckpointError(
+                    f"{ckpt.root}: {g.prefix} has E = {E} experts on disk but config.json says {name} = {cfg[name]}"
                 )
 
 

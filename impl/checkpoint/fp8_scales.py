@@ -86,7 +86,9 @@ def _scale_candidates(key: str, group: ExpertGroup | None, role: str | None) -> 
 
 def discover_fp8(ckpt: Checkpoint) -> dict[str, FP8Entry]:
     """Every FP8 weight with its validated scale. Raises FP8CheckpointError on e5m2, a missing or doubly-named
-    scale, or a grid that is not the ceil grid of the block (config block, else 128×128), a scalar or per-row."""
+    scale, a grid that is not the ceil grid of the block (config block, else 128×128), a scalar or per-row, or a
+    scale holding NaN / inf (`check_scale_values`). The merge and the live loader (`read_fp8_experts`) both call
+    this, so both refuse the same checkpoints."""
     groups = find_expert_groups(ckpt)
     member = _member_roles(groups)
     block = fp8_block_size(ckpt.config) or DEFAULT_FP8_BLOCK
@@ -112,7 +114,24 @@ def discover_fp8(ckpt: Checkpoint) -> dict[str, FP8Entry]:
             raise FP8CheckpointError(f"{key}: FP8 weight has several scale tensors {[c[0] for c in found]}; ambiguous")
         scale_key, expert, role = found[0]
         out[key] = _validate_scale(ckpt, key, scale_key, expert, role, group, block)
+    with reader(ckpt) as rd:
+        check_scale_values(rd, out)
     return out
+
+
+def check_scale_values(rd: TensorReader, entries: dict[str, FP8Entry]) -> None:
+    """Every scale must be finite: a NaN / inf scale turns every weight of its block into NaN / inf (NaN logits in a
+    live model, a NaN merge). FP8CheckpointError naming the scale, its shape and the count of bad values."""
+    for scale_key in sorted({e.scale_key for e in entries.values()}):
+        s = rd.get(scale_key).to(torch.float32)
+        bad = int((~torch.isfinite(s)).sum())
+        if bad:
+            weights = sorted(e.weight_key for e in entries.values() if e.scale_key == scale_key)
+            raise FP8CheckpointError(
+                f"{scale_key}: {bad} of {s.numel()} scale values {list(s.shape)} are NaN or inf (scale of {weights[0]}"
+                f"{f' and {len(weights) - 1} more' if len(weights) > 1 else ''}); such a checkpoint dequantizes to "
+                "NaN / inf"
+            )
 
 
 def _member_roles(groups: dict[str, ExpertGroup]) -> dict[str, tuple[ExpertGroup, str]]:

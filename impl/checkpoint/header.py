@@ -32,6 +32,9 @@ SAFETENSORS_DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     FP8_E4M3: torch.float8_e4m3fn,
@@ -47,7 +50,7 @@ class CheckpointError(ValueError):
 
 
 class FP8CheckpointError(CheckpointError):
-    """An FP8 weight whose format, scale tensor or scale grid breaks a rule (see module docstring)."""
+    """An FP8 weight whose format, scale tensor, scale grid or scale values break a rule (`impl.checkpoint.fp8_scales`)."""
 
 
 @dataclass(frozen=True)
@@ -65,37 +68,98 @@ class TensorInfo:
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header (``<u64 LE n><n bytes JSON>``) without reading tensor data; validates offsets."""
+    """Parse and validate a safetensors header (``<u64 LE n><n bytes JSON><data>``) without reading tensor data.
+
+    At least as strict as ``safetensors.safe_open`` (safetensors 0.8): the JSON is an object of tensor entries
+    ``{"dtype": str, "shape": [int >= 0, ...], "data_offsets": [begin, end]}`` (ints >= 0, not floats or bools) plus
+    an optional ``__metadata__`` object of strings; ``end - begin`` is the tensor's byte size; the entries, sorted by
+    offset, cover the data section exactly (no hole, no overlap, no trailing bytes). Stricter: duplicate JSON keys,
+    non-UTF-8 headers and dtypes this tool cannot read are refused too. Every failure is a CheckpointError naming
+    the file, the tensor and the rule.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise CheckpointError(f"{path}: shorter than the 8-byte safetensors header length")
+            raise CheckpointError(f"{path}: shorter than the 8-byte safetensors header length ({size} bytes)")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, _MAX_HEADER):
             raise CheckpointError(f"{path}: header length {n} exceeds the file ({size} bytes) or {_MAX_HEADER}")
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: header is not valid JSON ({err})") from err
+        text = f.read(n)
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, _DuplicateKey) as err:
+        raise CheckpointError(f"{path}: header is not valid JSON ({err})") from err
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
-    header.pop("__metadata__", None)
-    out: dict[str, TensorInfo] = {}
-    data_len = size - 8 - n
-    for key, entry in header.items():
-        dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
-        info = TensorInfo(key, path.name, dtype, shape)
-        if end - start != info.nbytes or end > data_len:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} {dtype} {list(shape)} needs {info.nbytes} bytes, header offsets "
-                f"[{start}, {end}) in a {data_len}-byte data section"
-            )
-        out[key] = info
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings, got {meta!r}"[:300])
+    out = {key: _tensor_info(path, key, entry) for key, entry in header.items()}
+    _check_coverage(path, header, size - 8 - n)
     return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
+
+
+def _is_uint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tensor_info(path: Path, key: str, entry) -> TensorInfo:
+    if not isinstance(entry, dict) or any(f not in entry for f in ("dtype", "shape", "data_offsets")):
+        raise CheckpointError(f"{path}: tensor {key!r} entry {entry!r} lacks dtype, shape or data_offsets"[:300])
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has unsupported dtype {dtype!r} (readable: {sorted(DTYPE_SIZES)})"
+        )
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise CheckpointError(f"{path}: tensor {key!r} shape {shape!r} is not a list of integers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+        raise CheckpointError(f"{path}: tensor {key!r} data_offsets {offsets!r} are not two integers >= 0")
+    info = TensorInfo(key, path.name, dtype, tuple(shape))
+    begin, end = offsets
+    if end < begin or end - begin != info.nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} {dtype} {shape} needs {info.nbytes} bytes but data_offsets are [{begin}, {end})"
+        )
+    return info
+
+
+def _check_coverage(path: Path, header: dict, data_len: int) -> None:
+    """The tensors' byte ranges, sorted, must tile ``[0, data_len)`` exactly."""
+    pos = 0
+    for key, entry in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = entry["data_offsets"]
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a hole [{pos}, {begin})"
+            raise CheckpointError(f"{path}: tensor {key!r} at data_offsets [{begin}, {end}) {what}")
+        pos = end
+    if pos != data_len:
+        what = "runs past the end of the file" if pos > data_len else f"leaves {data_len - pos} trailing bytes"
+        raise CheckpointError(f"{path}: the tensors cover {pos} bytes of a {data_len}-byte data section ({what})")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object file; CheckpointError naming the file when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -126,14 +190,20 @@ class Checkpoint:
 
 
 def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
-    """Scan ``model.safetensors.index.json`` (every mapped key must be in its shard's header) or ``model.safetensors``."""
+    """Scan ``model.safetensors.index.json`` (every mapped key must be in its shard's header, shard names plain file
+    names in ``ckpt_dir``) or ``model.safetensors``; every shard's header is validated (`read_header`) here, before
+    anything reads or writes tensor data."""
     root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
     config_path = root / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(config_path, "config.json") if config_path.is_file() else {}
     if (root / INDEX_NAME).is_file():
-        weight_map = json.loads((root / INDEX_NAME).read_text()).get("weight_map")
+        weight_map = read_json(root / INDEX_NAME, "the index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{root / INDEX_NAME}: no 'weight_map' object")
+        for key, shard in weight_map.items():
+            _check_shard_name(root, key, shard)
         shards = tuple(sorted(set(weight_map.values())))
         tensors = _scan_shards(root, shards)
         for key, shard in weight_map.items():
@@ -148,6 +218,20 @@ def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
         tensors = _scan_shards(root, (SINGLE_NAME,))
         return Checkpoint(root, (SINGLE_NAME,), dict(sorted(tensors.items())), config, False)
     raise CheckpointError(f"{root}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+
+
+def _check_shard_name(root: Path, key, shard) -> None:
+    """A shard must be a plain ``*.safetensors`` file name: a path (``../x``, ``/abs``, ``sub/x``) would read outside
+    the checkpoint and make the merge write outside its output directory."""
+    if not isinstance(key, str) or not isinstance(shard, str):
+        raise CheckpointError(f"{root / INDEX_NAME}: weight_map entry {key!r}: {shard!r} is not a string to a string")
+    if shard in ("", ".", "..") or "/" in shard or "\\" in shard or Path(shard).name != shard:
+        raise CheckpointError(
+            f"{root / INDEX_NAME}: path traversal refused: {key!r} maps to {shard!r}, which is not a file name "
+            f"inside {root}"
+        )
+    if not shard.endswith(".safetensors"):
+        raise CheckpointError(f"{root / INDEX_NAME}: {key!r} maps to {shard!r}, not a .safetensors file")
 
 
 def _scan_shards(root: Path, shards: tuple[str, ...]) -> dict[str, TensorInfo]:

@@ -11,32 +11,25 @@
 - ``fp8``: FP8 base only. FP8 weights are dequantized, merged and requantized (``reference.fp8.requantize_fp8_block``,
   same block as the input) with new scales (fp32, or UE8M0 if the input scales were); config.json is kept.
 
-Adapter: ``adapter_config.json`` + ``adapter_model.safetensors``. ``target_parameters`` LoRA on 3-D experts
+Adapter (`impl.adapter_dir`): ``adapter_config.json`` + ``adapter_model.safetensors`` (header validated, factors 2-D
+floating point, ``r`` / ``lora_alpha`` / patterns type-checked). ``target_parameters`` LoRA on 3-D experts
 (``...mlp.experts.base_layer.lora_{A,B}.weight`` / ``...mlp.experts.lora_{A,B}.weight``; which wrapper is gate_up and
-which is down is decided by the shapes, which always differ) and ``target_modules`` LoRA on 2-D Linear weights
-(``ΔW = s·B A``). Experts LoRA: orientation from `reference.layout.detect_orientation` (param shape from the base
-checkpoint's fused view); square ties are resolved by the adapter dir's ``moe_compat.json`` sidecar, else the
-``peft_version`` in adapter_config.json (`reference.layout.peft_swaps`; for gpt_oss experts from PEFT 0.19 on the rule
-depends on ``is_transposed``, which the checkpoint does not record, so that case needs the sidecar), else refused.
-Per-expert deltas from `reference.lora` (``stride_e`` unless the
-sidecar says ``contiguous_r``). Every adapter tensor must be applied and every planned delta counted, else MergeError.
-
-Sidecar ``moe_compat.json`` (optional; other fields are ignored), either impl.peft_integration's format 1::
-
-    {"format": 1, "lora_B_convention": "stride_e",
-     "adapters": {"default": {"<module path>:<param>": {"orientation": "swapped", ...}, ...}}, ...}
-
-or the short form ``{"orientation": "swapped" | {"gate_up_proj": ..., "<module>.<param>": ...},
-"lora_B_convention": "stride_e" | "contiguous_r"}``. A recorded orientation is passed to detect_orientation as the
-swap flag, so it must also agree with the shapes when they are unambiguous.
+which is down is decided by the shapes, which always differ; ``r·E`` must match the config's r and the base's E) and
+``target_modules`` LoRA on 2-D Linear weights (``ΔW = s·B A``). Scaling as PEFT: ``lora_alpha / r`` or ``/ sqrt(r)``
+with ``use_rslora``, ``rank_pattern`` / ``alpha_pattern`` matched by PEFT's ``get_pattern_key`` rule. Experts LoRA
+orientation: `reference.layout.decide_orientation` with every source (param shapes from the base checkpoint's fused
+view, the non-square sibling parameter, the ``moe_compat.json`` sidecar (`impl.sidecar`), ``peft_version``); any two
+that disagree, or none deciding a square parameter, is refused. Per-expert deltas from `reference.lora` (``stride_e``
+unless the sidecar says ``contiguous_r``). Every adapter tensor must be applied and every planned delta counted,
+else MergeError. Merged values are checked finite before and after the cast to the output dtype.
 
 Writing: shard by shard in the base's shard layout, tensor by tensor (`impl.checkpoint.write_shard`), into a temporary
 directory ``.<out>.partial-<pid>-<hex>`` next to ``out_dir`` renamed to ``out_dir`` at the end; on any exception the
 temporary directory is removed (a killed process cannot clean up: the next merge into the same ``out_dir`` removes
 partial dirs whose process is gone). The source checkpoint and adapter are only read.
 
-Modules: `impl.merge.adapter` (reading the adapter dir, PEFT scaling), `impl.sidecar` (``moe_compat.json``),
-`impl.merge.plan` (adapter factors -> base tensors, orientation), `impl.merge.merger` (each output tensor),
+Modules: `impl.adapter_dir` (reading the adapter dir, PEFT scaling, orientation sources; shared with the live loader),
+`impl.sidecar` (``moe_compat.json``), `impl.merge.plan` (adapter factors -> base tensors, orientation), `impl.merge.merger` (each output tensor),
 `impl.merge.output` (temporary dir, shards, side files, publish).
 """
 
@@ -51,9 +44,9 @@ from pathlib import Path
 
 import torch
 
+from impl.adapter_dir import read_adapter
 from impl.checkpoint import PER_EXPERT_RE, Checkpoint, open_checkpoint
 from impl.errors import AdapterError, MergeError
-from impl.merge.adapter import read_adapter
 from impl.merge.merger import FP8_METHOD, MERGED_16BIT, METHODS, Merger
 from impl.merge.output import (
     check_applied,
@@ -112,14 +105,17 @@ def merge_adapter(
     merger = Merger(ckpt, plan, method, dtype)
     if method == FP8_METHOD and not merger.fp8:
         raise MergeError(f"{base}: method 'fp8' needs an FP8 base checkpoint; it has no float8_e4m3fn weights")
-    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     try:
+        remove_stale_partials(out)
+        tmp.mkdir(parents=True)
         shards = write_shards(ckpt, merger, tmp, progress)
         check_applied(plan, merger)
         write_side_files(ckpt, adapter, method, tmp, plan, merger)
         publish(tmp, out, overwrite)
+    except OSError as err:  # read-only or full disk, file too large, ...: nothing is published
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(f"writing the merge next to {out} failed: {err}; nothing was published") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

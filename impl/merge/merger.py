@@ -67,7 +67,7 @@ class Merger:
         t = self.reader.get(key)
         if key not in self.plan.targets:
             return t
-        return self._finite(key, t.to(torch.float32) + self._delta(key)).to(t.dtype)
+        return _cast(key, self._finite(key, t.to(torch.float32) + self._delta(key)), t.dtype)
 
     def _delta(self, key: str) -> torch.Tensor:
         refs = self.plan.targets[key]
@@ -89,7 +89,7 @@ class Merger:
             w = _dequant_member(self.reader, entry)
             if key in self.plan.targets:
                 w = self._finite(key, w + self._delta(key))
-            return w.to(self.out_dtype)
+            return _cast(key, w, self.out_dtype)
         unit = (entry.scale_key, entry.expert)
         if not self._unit_has_delta(unit):
             return self.reader.get(key)
@@ -146,6 +146,20 @@ class Merger:
     def end_shard(self) -> None:
         self._cache.clear()
         self.reader.close()
+
+
+def _cast(key: str, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``merged`` (fp32, finite) cast to the output ``dtype``; values beyond its range would become inf: MergeError
+    naming the tensor, the count and the largest magnitude."""
+    out = merged.to(dtype)
+    if out.dtype == merged.dtype or torch.isfinite(out.sum(dtype=torch.float64)):
+        return out
+    bad = int((~torch.isfinite(out)).sum())
+    raise MergeError(
+        f"merged tensor {key!r} {list(merged.shape)}: {bad} values overflow {dtype} (largest |W + ΔW| = "
+        f"{float(merged.abs().max()):.6g}, {dtype} max {torch.finfo(dtype).max:.6g}); merge to a wider dtype "
+        "(--dtype bfloat16 / float32 for FP8 bases) or check the adapter"
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

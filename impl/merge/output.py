@@ -13,9 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
+from impl.adapter_dir import Adapter
 from impl.checkpoint import INDEX_NAME, Checkpoint, write_shard
 from impl.errors import MergeError
-from impl.merge.adapter import Adapter
 from impl.merge.merger import MERGED_16BIT, Merger
 from impl.merge.plan import MergePlan
 
@@ -28,11 +28,24 @@ COPY_PATTERNS = (
 
 
 def check_paths(base: Path, adapter: Path, out: Path, overwrite: bool) -> None:
+    """``out`` must be neither a source nor inside / around one; an existing ``out`` needs ``overwrite`` and must be
+    a directory (overwrite replaces a previous output directory, never a file)."""
     for src in (base, adapter):
         if out == src or src in out.parents or out in src.parents:
             raise MergeError(f"output dir {out} must not be, contain or be inside the source {src}")
-    if out.exists() and not overwrite:
-        raise MergeError(f"output dir {out} exists; pass overwrite=True (--overwrite) to replace it")
+    check_replaceable(out, overwrite)
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """An existing ``out`` needs ``overwrite`` and must be a directory."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise MergeError(f"output dir {out} exists; pass overwrite=True (--overwrite) to replace it")
+        if not out.is_dir():
+            raise MergeError(
+                f"output path {out} exists and is not a directory; --overwrite replaces a previous output directory, "
+                "not a file: choose another path or remove it"
+            )
 
 
 def write_shards(ckpt: Checkpoint, merger: Merger, tmp: Path, progress: bool) -> list[str]:
@@ -127,13 +140,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 def publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished temp dir to ``out``; an existing ``out`` (overwrite) is moved aside first, then removed."""
+    """Rename the finished temp dir to ``out``. An existing ``out`` directory (overwrite) is moved aside first and
+    put back if the rename fails; once published it is removed (a failure there is reported, naming the path)."""
     old = None
-    if out.exists():
-        if not overwrite:
-            raise MergeError(f"output dir {out} appeared during the merge; not replacing it")
+    if out.exists() or out.is_symlink():
+        check_replaceable(out, overwrite)  # checked before the merge, but it may have appeared since
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
     if old is not None:
-        shutil.rmtree(old)
+        try:
+            shutil.rmtree(old)
+        except OSError as err:
+            raise MergeError(
+                f"the merge is published at {out}, but the previous output moved to {old} could not be removed "
+                f"({err}); remove it by hand"
+            ) from err

@@ -11,13 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from impl.adapter_dir import Adapter, assign_expert_params, expert_orientation, lora_scaling
 from impl.checkpoint import Checkpoint, ExpertGroup, check_against_config, find_expert_groups
 from impl.errors import AdapterError, MergeError
-from impl.merge.adapter import Adapter, lora_scaling
-from impl.sidecar import SIDECAR, sidecar_orientation
-from reference.layout import GPT_OSS, LayoutDecision, LayoutError, Orientation, detect_orientation, peft_swaps
+from reference.layout import Orientation, OrientationDecision
 from reference.lora import delta_weight, expert_factors
-
 
 
 @dataclass
@@ -29,7 +27,7 @@ class ExpertLora:
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
-    decision: LayoutDecision
+    decision: OrientationDecision
     convention: str
     keys: tuple[str, str]
     _factors: tuple = field(default=(), repr=False)
@@ -127,71 +125,19 @@ def plan_merge(ckpt: Checkpoint, adapter: Adapter) -> MergePlan:
 
 
 def _expert_loras(adapter: Adapter, group: ExpertGroup, module: str, levels: dict) -> list[ExpertLora]:
-    """Assign each wrapper level to gate_up or down by shape (their dims {2I, H} and {H, I} always differ)."""
-    out, taken = [], {}
-    for _depth, (ka, kb) in sorted(levels.items()):
+    """One ExpertLora per nesting level: its parameter by shape, its orientation from every source
+    (`impl.adapter_dir.assign_expert_params`, `impl.adapter_dir.expert_orientation`)."""
+    shapes = {f"{p}_proj": s for p, s in group.param_shapes.items()}
+    E = group.num_experts
+    assigned = assign_expert_params(adapter, module, levels, shapes, E, f"{group.prefix} on disk")
+    out = []
+    for pname, (ka, kb) in assigned.items():
+        decision = expert_orientation(adapter, module, pname, assigned, shapes, E, layout=group.layout)
+        scaling = lora_scaling(adapter, f"{module}.{pname}", decision.rank)
         A, B = adapter.tensors[ka], adapter.tensors[kb]
-        fits = [p for p, shape in group.param_shapes.items() if _shape_fits(shape, A.shape, B.shape)]
-        if len(fits) != 1:
-            raise AdapterError(
-                f"{adapter.root}: {ka} {list(A.shape)} / {kb} {list(B.shape)} fit {fits or 'no'} expert param of "
-                f"{group.prefix} (shapes {group.param_shapes}, E={group.num_experts}); exactly one must fit"
-            )
-        (param,) = fits
-        if param in taken:
-            raise AdapterError(f"{adapter.root}: two wrappers on {module} both fit {param} ({taken[param]}, {ka})")
-        taken[param] = ka
-        decision = _orientation(adapter, group, module, param, A, B)
-        current_key = f"{module}.{param}_proj"
-        scaling = lora_scaling(adapter, current_key, decision.rank)
+        param = pname.removesuffix("_proj")
         out.append(ExpertLora(group, param, A, B, scaling, decision, adapter.convention, (ka, kb)))
     return out
-
-
-def _shape_fits(shape, a_shape, b_shape) -> bool:
-    """``A [r·E, a]``, ``B [b, r·E]`` fit ``P [E, d1, d2]`` in some orientation: {a, b} == {d1, d2}, r·E a multiple of E."""
-    E, d1, d2 = shape
-    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or a_shape[0] % E or not a_shape[0]:
-        return False
-    return (a_shape[1], b_shape[0]) in ((d1, d2), (d2, d1))
-
-
-def _orientation(adapter: Adapter, group: ExpertGroup, module: str, param: str, A, B) -> LayoutDecision:
-    """detect_orientation with hints only where they are needed or explicit (the sidecar)."""
-    shape, E = group.param_shapes[param], group.num_experts
-    pname = f"{param}_proj"
-    side = sidecar_orientation(adapter.root, adapter.sidecar, f"{module}.{pname}", pname)
-    if side is not None:
-        return _detect(adapter, shape, A, B, E, did_swap=side is Orientation.SWAPPED)
-    d = detect_orientation(shape, A.shape, B.shape, E, refuse_ambiguous=False)
-    if not d.ambiguous:
-        return d
-    v = adapter.peft_version
-    if v is None:
-        return _detect(adapter, shape, A, B, E)  # raises AmbiguousLayoutError with the shapes
-    try:
-        rule = {peft_swaps(v, 3, t) for t in ((True, False) if group.layout == GPT_OSS else (False,))}
-    except ValueError as err:
-        raise AdapterError(
-            f"{adapter.root}: {module}.{pname} is square ({shape}) and peft_version {v!r}: {err}"
-        ) from err
-    if len(rule) != 1:
-        raise AdapterError(
-            f"{adapter.root}: {module}.{pname} {list(shape)} is square (both orientations fit) and PEFT {v}'s swap rule "
-            "depends on the experts' is_transposed (transformers-version dependent for gpt_oss); write the orientation "
-            f"into {SIDECAR}"
-        )
-    return _detect(adapter, shape, A, B, E, did_swap=rule.pop())
-
-
-def _detect(adapter, shape, A, B, E, **hints) -> LayoutDecision:
-    try:
-        d = detect_orientation(shape, A.shape, B.shape, E, **hints)
-    except LayoutError as err:
-        raise AdapterError(f"{adapter.root}: {err}") from err
-    if d.orientation is Orientation.UNKNOWN:
-        raise AdapterError(f"{adapter.root}: {d.reason}")
-    return d
 
 
 def _expert_refs(lora: ExpertLora) -> list[tuple[str, DeltaRef]]:

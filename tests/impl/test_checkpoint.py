@@ -90,6 +90,9 @@ def test_index_inconsistencies_raise(tmp_path):
     )
     with pytest.raises(CheckpointError, match="maps 'x' to b.safetensors but its header is in no shard"):
         open_checkpoint(root)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        open_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither"):
         open_checkpoint(tmp_path / "empty")
 

@@ -142,7 +142,9 @@ def test_unknown_adapter_tensor_refused(tmp_path, small):
 def test_rank_disagrees_with_config(tmp_path, small):
     base, adapter = small
     _edit_config(adapter, r=3)
-    _run_failing(tmp_path, base, adapter, AdapterError, r"rank from the factor shapes is 2 but adapter_config says r=3")
+    _run_failing(
+        tmp_path, base, adapter, AdapterError, r"r·E = 8 rows: with r = 3 \(adapter_config\) that is no whole number"
+    )
 
 
 def test_adapter_module_missing_in_base(tmp_path, small):
@@ -170,7 +172,7 @@ def test_sidecar_contradicting_the_shapes_refused(tmp_path, small):
     "standard" for it is an error, not a hint to follow (it only decides square params)."""
     base, adapter = small
     (adapter / "moe_compat.json").write_text(json.dumps({"orientation": {"down_proj": "standard"}}))
-    _run_failing(tmp_path, base, adapter, AdapterError, r"shapes say swapped but did_swap says standard")
+    _run_failing(tmp_path, base, adapter, AdapterError, r"the shapes say swapped; moe_compat.json says standard")
 
 
 def test_sidecar_with_unknown_format_refused(tmp_path, small):
