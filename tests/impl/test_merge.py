@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,10 +76,12 @@ def expert_targets(model) -> dict:
     return dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
 
 
-def make_adapter(model, path: Path, seed: int = 1, std: float = 0.15, r: int = 2, **targets):
-    """``get_peft_model`` with nonzero random lora_A and lora_B (PEFT initialises lora_B to 0), saved to ``path``."""
+def make_adapter(model, path: Path, seed: int = 1, std: float = 0.15, r: int = 2, config: dict | None = None,
+                 **targets):  # fmt: skip
+    """``get_peft_model`` with nonzero random lora_A and lora_B (PEFT initialises lora_B to 0), saved to ``path``.
+    ``config``: more LoraConfig fields (use_rslora, rank_pattern, alpha_pattern, ...)."""
     targets = targets or expert_targets(model)
-    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, **targets))
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, **targets, **(config or {})))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -353,6 +356,58 @@ def test_square_experts_alone_resolved_by_peft_version_sidecar_or_refused(tmp_pa
     (tmp_path / "ad" / "moe_compat.json").write_text(json.dumps(sidecar_format_1(live)))
     merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out3")
     assert rel_err(logits(live), logits(_load(tmp_path / "out3"))) <= 1e-5
+
+
+def test_pattern_matching_is_peft_get_pattern_key():
+    """rank_pattern / alpha_pattern resolution equals PEFT's own (``peft.utils.other.get_pattern_key`` then
+    ``.get(key, default)``) for full keys, suffixes, regexes, overlapping patterns (first in order wins) and keys no
+    pattern matches."""
+    from peft.utils.other import get_pattern_key
+
+    from impl.adapter_dir import pattern_value
+
+    patterns = {
+        "model.layers.0.mlp.experts.gate_up_proj": 7, r"layers\.1\..*down_proj": 5, "q_proj": 3,
+        "experts.gate_up_proj": 9, "layers.0.self_attn.q_proj": 11, "o_proj|k_proj": 13, "gate_up": 17,
+    }  # fmt: skip
+    keys = [
+        "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj", "model.layers.0.mlp.experts.down_proj", "model.layers.0.self_attn.q_proj",
+        "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.o_proj", "model.layers.3.self_attn.v_proj",
+        "model.layers.0.mlp.experts.gate_up", "xq_proj",
+    ]  # fmt: skip
+    for key in keys:
+        want = patterns.get(get_pattern_key(patterns.keys(), key), -1)
+        assert pattern_value(patterns, key, -1) == want, key
+
+
+def test_rslora_and_rank_alpha_patterns_match_live_peft(tmp_path):
+    """use_rslora (s = alpha / sqrt(r)) with rank_pattern / alpha_pattern in PEFT's key forms (a full key, a suffix,
+    a regex) on expert and q_proj LoRA: the merged checkpoint equals the live PEFT model (fp32 bound 1e-5). Each
+    setting matters: the same factors merged without alpha_pattern, or without use_rslora, miss by far more."""
+    model = save_base(tmp_path / "base", "qwen3_moe")
+    if zoo.describe(model)["layout"] == "module_list":
+        pytest.skip("target_parameters on experts needs transformers 5.x fused experts")
+    config = dict(
+        use_rslora=True,
+        rank_pattern={"model.layers.0.mlp.experts.gate_up_proj": 4, "q_proj": 3},
+        alpha_pattern={r"layers\.1\.mlp\.experts\.down_proj": 16, "self_attn.q_proj": 5},
+    )
+    live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad", config=config)
+    from peft.tuners.lora.layer import LoraLayer
+
+    scalings = {n: float(m.scaling["default"]) for n, m in live.named_modules() if isinstance(m, LoraLayer)}
+    assert len(set(scalings.values())) >= 3  # the patterns gave different r / alpha to different layers
+    merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+    ref = logits(live)
+    assert rel_err(ref, logits(_load(tmp_path / "out"))) <= 1e-5
+    for name, change in (("no_alpha_pattern", {"alpha_pattern": {}}), ("no_rslora", {"use_rslora": False})):
+        ad = tmp_path / name
+        shutil.copytree(tmp_path / "ad", ad)
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        (ad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        merge_adapter(tmp_path / "base", ad, tmp_path / f"out_{name}")
+        assert rel_err(ref, logits(_load(tmp_path / f"out_{name}"))) > 1e-3, name
 
 
 def test_qlora_adapter_from_impl_merges_onto_bf16_base(tmp_path):
