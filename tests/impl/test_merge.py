@@ -311,9 +311,11 @@ def test_square_experts_decided_by_the_non_square_sibling(tmp_path, family, vari
         pytest.skip("4.57 experts are per-expert Linear: no 3-D orientation question")
     live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad")
     ref = logits(live)
+    sources = {d: tree_digest(tmp_path / d) for d in ("base", "ad")}
     merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
     assert rel_err(ref, logits(_load(tmp_path / "out"))) <= 1e-5
     _set_peft_version(tmp_path / "ad", None)
+    sources["ad"] = tree_digest(tmp_path / "ad")
     merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out2")
     assert rel_err(ref, logits(_load(tmp_path / "out2"))) <= 1e-5
     # a version whose rule names the other orientation for both is_transposed values contradicts the sibling
@@ -323,10 +325,12 @@ def test_square_experts_decided_by_the_non_square_sibling(tmp_path, family, vari
     liars = [v for v in ("0.18.1", "0.19.0", "0.21.2") if {peft_swaps(v, 3, t) for t in transposed} == {not live_swaps}]
     for v in liars:
         _set_peft_version(tmp_path / "ad", v)
+        sources["ad"] = tree_digest(tmp_path / "ad")
         with pytest.raises(OrientationError, match=rf"orientation sources disagree: .*peft_version {v}"):
             merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out3")
         assert not (tmp_path / "out3").exists()
     assert liars or layout == "gpt_oss"  # for (E, out, in) experts PEFT 0.18 and 0.21 disagree, so a liar exists
+    assert {d: tree_digest(tmp_path / d) for d in ("base", "ad")} == sources
 
 
 @pytest.mark.parametrize(("family", "variant"), SQUARE_CASES)
@@ -341,6 +345,7 @@ def test_square_experts_alone_resolved_by_peft_version_sidecar_or_refused(tmp_pa
         pytest.skip("4.57 experts are per-expert Linear: no 3-D orientation question")
     live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad", target_parameters=[_square_param(variant)])
     version = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["peft_version"]
+    base_digest = tree_digest(tmp_path / "base")
     if family == "gpt_oss" and peft_swaps(version, 3, True) != peft_swaps(version, 3, False):
         with pytest.raises(OrientationError, match="depends on is_transposed"):
             merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
@@ -354,8 +359,10 @@ def test_square_experts_alone_resolved_by_peft_version_sidecar_or_refused(tmp_pa
     assert not (tmp_path / "out2").exists()
 
     (tmp_path / "ad" / "moe_compat.json").write_text(json.dumps(sidecar_format_1(live)))
+    ad_digest = tree_digest(tmp_path / "ad")
     merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out3")
     assert rel_err(logits(live), logits(_load(tmp_path / "out3"))) <= 1e-5
+    assert tree_digest(tmp_path / "base") == base_digest and tree_digest(tmp_path / "ad") == ad_digest
 
 
 def test_pattern_matching_is_peft_get_pattern_key():
@@ -394,6 +401,7 @@ def test_rslora_and_rank_alpha_patterns_match_live_peft(tmp_path):
         alpha_pattern={r"layers\.1\.mlp\.experts\.down_proj": 16, "self_attn.q_proj": 5},
     )
     live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad", config=config)
+    sources = {d: tree_digest(tmp_path / d) for d in ("base", "ad")}
     from peft.tuners.lora.layer import LoraLayer
 
     scalings = {n: float(m.scaling["default"]) for n, m in live.named_modules() if isinstance(m, LoraLayer)}
@@ -408,6 +416,7 @@ def test_rslora_and_rank_alpha_patterns_match_live_peft(tmp_path):
         (ad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
         merge_adapter(tmp_path / "base", ad, tmp_path / f"out_{name}")
         assert rel_err(ref, logits(_load(tmp_path / f"out_{name}"))) > 1e-3, name
+    assert {d: tree_digest(tmp_path / d) for d in ("base", "ad")} == sources
 
 
 def test_qlora_adapter_from_impl_merges_onto_bf16_base(tmp_path):

@@ -616,6 +616,7 @@ def test_square_gate_up_decided_by_the_non_square_sibling(tmp_path, small):
 
 def test_output_dir_rules(tmp_path, small):
     base, adapter = small
+    before = _sources(tmp_path)
     with pytest.raises(MergeError, match="must not be, contain or be inside the source"):
         merge_adapter(base, adapter, base / "merged")
     (tmp_path / "out").mkdir()
@@ -625,6 +626,7 @@ def test_output_dir_rules(tmp_path, small):
     merge_adapter(base, adapter, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # the moved-aside old output is gone
+    assert _sources(tmp_path) == before
 
 
 def test_cli_success_prints_the_report(tmp_path, small, capsys, monkeypatch):

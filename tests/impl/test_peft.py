@@ -32,6 +32,7 @@ from reference import merge as ref_merge  # noqa: E402
 from reference import nf4 as ref_nf4  # noqa: E402
 from reference.layout import LayoutError, Orientation, parse_version, peft_swaps  # noqa: E402
 from tests.impl.moe_helpers import FUSED_FAMILY, quant_config, rel_err, tiny  # noqa: E402
+from tests.impl.test_merge_faults import tree_digest  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 FAMILY = FUSED_FAMILY
@@ -147,8 +148,10 @@ def test_save_reload_with_sidecar(kind, tmp_path):
     o = on_disk["adapters"]["default"][key]["orientation"]
     on_disk["adapters"]["default"][key]["orientation"] = "swapped" if o == "standard" else "standard"
     (tmp_path / SIDECAR).write_text(json.dumps(on_disk))
+    before = tree_digest(tmp_path)
     with pytest.raises(LayoutError, match=r"orientation sources disagree: the shapes say .*moe_compat.json says"):
         load_adapter(_base(kind), str(tmp_path))
+    assert tree_digest(tmp_path) == before
 
 
 def _as_other_peft_version(src, dst):
@@ -186,10 +189,12 @@ def test_reload_adapter_from_other_orientation_converts_exactly(tmp_path):
     live = pm(IDS).logits
     save_adapter(pm, str(tmp_path / "a"))
     _as_other_peft_version(tmp_path / "a", tmp_path / "b")
+    before = tree_digest(tmp_path / "b")
     with pytest.raises(LayoutError, match="another orientation"):
         load_adapter(_base("nf4"), str(tmp_path / "b"), convert=False)
     reloaded = load_adapter(_base("nf4"), str(tmp_path / "b"))
     assert torch.equal(reloaded(IDS).logits, live)
+    assert tree_digest(tmp_path / "b") == before  # converted in a temporary copy
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp8"])
@@ -242,9 +247,9 @@ def test_plain_peft_adapter_loads_and_can_write_its_sidecar(tmp_path):
     live = pm(IDS).logits
     pm.save_pretrained(str(tmp_path / "a"))
     assert not os.path.exists(tmp_path / "a" / SIDECAR)
-    before = sorted(os.listdir(tmp_path / "a"))
+    before = tree_digest(tmp_path / "a")
     assert torch.equal(load_adapter(_base("nf4"), str(tmp_path / "a"))(IDS).logits, live)
-    assert sorted(os.listdir(tmp_path / "a")) == before  # nothing written unless asked
+    assert tree_digest(tmp_path / "a") == before  # nothing written unless asked
     load_adapter(_base("nf4"), str(tmp_path / "a"), write_sidecar_if_missing=True)
     side = json.loads((tmp_path / "a" / SIDECAR).read_text())
     targets = side["adapters"]["default"]
@@ -261,8 +266,10 @@ def test_plain_peft_adapter_loads_and_can_write_its_sidecar(tmp_path):
         if peft_swaps(v, 3, q.is_transposed) != peft_swaps(peft.__version__, 3, q.is_transposed)
     )
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": liar}))
+    before = tree_digest(tmp_path / "a")
     with pytest.raises(LayoutError, match=rf"orientation sources disagree: the shapes say .*peft_version {liar}"):
         load_adapter(_base("nf4"), str(tmp_path / "a"))
+    assert tree_digest(tmp_path / "a") == before
 
 
 def test_repeated_forward_is_stable_and_leaves_no_parametrization():
