@@ -16,7 +16,6 @@ the base offer (shapes, the sibling parameter, the sidecar, ``peft_version``) to
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from impl.checkpoint import CheckpointError, read_header
+from impl.checkpoint import CheckpointError, read_header, read_json
 from impl.errors import AdapterError, OrientationError
 from impl.sidecar import SIDECAR, Sidecar, read_sidecar
 from reference.layout import LayoutError, OrientationDecision, SiblingFactors, decide_orientation
@@ -101,12 +100,7 @@ def read_adapter_config(root: Path) -> dict:
     """``adapter_config.json`` parsed and type-checked: ``r`` an int >= 1, ``lora_alpha`` a number, patterns objects
     of valid regexes with int / number values, ``peft_version`` a string."""
     path = root / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: must be a JSON object, got {type(config).__name__}")
+    config = read_json(path, AdapterError)
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise AdapterError(f"{path}: missing {key!r} (PEFT's LoraConfig always writes r and lora_alpha)")

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from impl.checkpoint import read_json
 from impl.errors import AdapterError
 from reference.lora import CONVENTIONS, STRIDE_E
 
@@ -79,12 +80,7 @@ def read_sidecar(adapter_dir: str | Path) -> Sidecar | None:
     path = Path(adapter_dir) / SIDECAR
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path}: must be a JSON object, got {type(raw).__name__}")
+    raw = read_json(path, AdapterError)
     convention = raw.get("lora_B_convention", STRIDE_E)
     if convention not in CONVENTIONS:
         raise AdapterError(f"{path}: lora_B_convention {convention!r} is not one of {CONVENTIONS}")

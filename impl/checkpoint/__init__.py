@@ -45,6 +45,7 @@ from impl.checkpoint.header import (
     TensorReader,
     open_checkpoint,
     read_header,
+    read_json,
     reader,
 )
 from impl.checkpoint.shard_writer import OutSpec, write_shard
@@ -55,5 +56,5 @@ __all__ = [
     "SCALE_SUFFIXES", "SINGLE_NAME", "Checkpoint", "CheckpointError", "ExpertGroup", "FP8CheckpointError", "FP8Entry",
     "OutSpec", "TensorInfo", "TensorReader", "check_against_config", "discover_fp8", "expand_scale_rows",
     "find_expert_groups", "fp8_block_size", "fp8_companion_keys", "module_path_of", "open_checkpoint",
-    "read_fp8_experts", "read_header", "reader", "write_shard",
+    "read_fp8_experts", "read_header", "read_json", "reader", "write_shard",
 ]  # fmt: skip

@@ -151,14 +151,14 @@ def _check_coverage(path: Path, header: dict, data_len: int) -> None:
         raise CheckpointError(f"{path}: the tensors cover {pos} bytes of a {data_len}-byte data section ({what})")
 
 
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object file; CheckpointError naming the file when it is not valid JSON or not an object."""
+def read_json(path: Path, error: type[Exception] = CheckpointError) -> dict:
+    """A JSON object file; ``error`` naming the file when it is not valid JSON (or not UTF-8) or not an object."""
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({err})") from err
+        raise error(f"{path}: not valid JSON ({err})") from err
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+        raise error(f"{path}: must be a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -197,9 +197,9 @@ def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
     config_path = root / "config.json"
-    config = read_json(config_path, "config.json") if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     if (root / INDEX_NAME).is_file():
-        weight_map = read_json(root / INDEX_NAME, "the index").get("weight_map")
+        weight_map = read_json(root / INDEX_NAME).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{root / INDEX_NAME}: no 'weight_map' object")
         for key, shard in weight_map.items():

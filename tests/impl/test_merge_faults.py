@@ -304,7 +304,7 @@ FAULTS = [
     Fault("shard-shorter-than-8-bytes", lambda b, a, t: (b / LAST_SHARD).write_bytes(b"\x01\x02"),
           "CheckpointError", r"shorter than the 8-byte safetensors header length"),
     # index
-    Fault("index-not-json", _json_file(INDEX, text="{"), "CheckpointError", r"the index is not valid JSON"),
+    Fault("index-not-json", _json_file(INDEX, text="{"), "CheckpointError", r"model.safetensors.index.json: not valid JSON"),
     Fault("index-no-weight-map", _json_file(INDEX, lambda ix: ix.pop("weight_map")),
           "CheckpointError", r"no 'weight_map' object"),
     Fault("index-path-traversal", _index_map(K0, "../adapter/adapter_model.safetensors"),
@@ -319,7 +319,7 @@ FAULTS = [
           "CheckpointError", r"shard tensors missing from the weight_map"),
     # config.json and the base directory
     Fault("config-not-json", _json_file("config.json", text="{'model_type': 'qwen3_moe'}"),
-          "CheckpointError", r"config.json is not valid JSON"),
+          "CheckpointError", r"config.json: not valid JSON"),
     Fault("config-num-experts-mismatch", _json_file("config.json", lambda c: c.update(num_experts=8)),
           "CheckpointError", r"has E = 4 experts on disk but config.json says num_experts = 8"),
     Fault("config-hidden-size-mismatch", _json_file("config.json", lambda c: c.update(hidden_size=32)),
