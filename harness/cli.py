@@ -116,8 +116,8 @@ def _selected(all_ids: list[str], requested: list[str] | None, matrix_name: str)
         return None
     wanted = _split(requested)
     if not wanted:
-        raise UsageError(f"--cells {', '.join(map(repr, requested))} names no cell (an unset CI variable?); leave --cells out to run "
-                         f"every cell of matrix {matrix_name}")
+        raise UsageError(f"--cells {', '.join(map(repr, requested))} names no cell (an unset CI variable?); leave "
+                         f"--cells out to run every cell of matrix {matrix_name}")
     missing = [w for w in wanted if w not in all_ids]
     if missing:
         raise MatrixError(f"unknown cell(s) {missing} in matrix {matrix_name}; cells: {', '.join(sorted(all_ids))}")

@@ -16,6 +16,7 @@ back to its label ``name [family] [variant]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -191,10 +192,15 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _from_mapping(cls: type, data: Any, where: str, *, strict: bool) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise RecordError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     if strict:
         unknown = sorted(set(data) - set(hints))
         if unknown:
@@ -259,8 +265,8 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]],
 
     * ``regressions``: a check good in the baseline (pass/finding/xfail) that is unexpected now (fail/xpass); a
       check of the baseline *absent* now in a cell that ran its tests (``now = "absent"``) unless a ``[[retired]]``
-      entry of the matrix file (``harness.matrix.Retired``) matches it; a cell that errors now and did not; a cell that ran its tests in the baseline and is
-      ``unreleased`` now (its versions vanished from the index).
+      entry of the matrix file (``harness.matrix.Retired``) matches it; a cell that errors now and did not; a cell
+      that ran its tests in the baseline and is ``unreleased`` now (its versions vanished from the index).
     * ``fixes``: unexpected -> pass/finding; an error cell that runs its tests again.
     * ``new_failures``: checks absent from the baseline that are unexpected now; ``added``: the other new checks.
     * ``removed``: vanished checks a ``retired`` declaration matches (``message`` = its reason), and cells that
@@ -280,14 +286,16 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]],
         now_checks = {check_key(cid, k): k for k in cell.get("checks", [])}
         for key, chk in now_checks.items():
             old = old_checks.get(key)
-            label = check_label(chk)
+            before = None if old is None else old["status"]
             if old is None:
                 bucket = "new_failures" if chk["status"] in UNEXPECTED else "added"
-                out[bucket].append(_item(cid, label, key[1], None, chk["status"], chk.get("message", "")))
-            elif old["status"] in GOOD and chk["status"] in UNEXPECTED:
-                out["regressions"].append(_item(cid, label, key[1], old["status"], chk["status"], chk.get("message", "")))
-            elif old["status"] in UNEXPECTED and chk["status"] in FIXED:
-                out["fixes"].append(_item(cid, label, key[1], old["status"], chk["status"], chk.get("message", "")))
+            elif before in GOOD and chk["status"] in UNEXPECTED:
+                bucket = "regressions"
+            elif before in UNEXPECTED and chk["status"] in FIXED:
+                bucket = "fixes"
+            else:
+                continue
+            out[bucket].append(_item(cid, check_label(chk), key[1], before, chk["status"], chk.get("message", "")))
         if old_cell is None:
             continue
         was, now = old_cell["status"], cell["status"]
