@@ -393,11 +393,17 @@ def _axis_value(file: Path, where: str, package: str, data: Any) -> AxisValue:
     return AxisValue(package, vid, spec, t.string("note", ""), t.boolean("pre", False), path, vcs)
 
 
-def _declared(t: _Table, required: tuple[str, ...]) -> dict[str, Any]:
-    """The fields shared by [[known]], [[incompatible]] and [[retired]]: reason, link, cells."""
-    return {"reason": t.string("reason", required="reason" in required, nonempty=True),
-            "link": t.string("link", "", required="link" in required, nonempty="link" in required),
-            "cells": t.strings("cells", glob=True) or ()}
+def _declared(t: _Table, required: tuple[str, ...], *, scoped: str | None = None) -> dict[str, Any]:
+    """The fields shared by [[known]], [[incompatible]] and [[retired]]: reason, link, cells (and, when ``scoped``,
+    ``when``: such an entry needs ``cells`` or ``when``; ``scoped`` completes the error message)."""
+    fields = {"reason": t.string("reason", required="reason" in required, nonempty=True),
+              "link": t.string("link", "", required="link" in required, nonempty="link" in required),
+              "cells": t.strings("cells", glob=True) or ()}
+    if scoped is not None:
+        fields["when"] = t.when()
+        if not fields["cells"] and not fields["when"]:
+            raise t.error("", f"needs `cells` or `when`{scoped}")
+    return fields
 
 
 def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matrix:
@@ -473,10 +479,7 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
     known = list(base.known) if base else []
     for i, raw in enumerate(top.tables("known")):
         k = _Table(path, f"known[{i}]", raw, KNOWN_KEYS)
-        common = _declared(k, ("reason", "link"))
-        when = k.when()
-        if not common["cells"] and not when:
-            raise k.error("", "needs `cells` or `when` (an entry for every cell is not a known breakage)")
+        common = _declared(k, ("reason", "link"), scoped=" (an entry for every cell is not a known breakage)")
         expect = k.string("expect", "xfail")
         if expect not in ("xfail", "skip"):
             raise k.error("expect", f"expect must be 'xfail' or 'skip', got {expect!r}")
@@ -486,16 +489,12 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
                 re.compile(match)
             except re.error as exc:
                 raise k.error("match", f"invalid regular expression {match!r}: {exc}") from exc
-        known.append(Known(checks=k.strings("checks", required=True, glob=True), expect=expect, when=when,
+        known.append(Known(checks=k.strings("checks", required=True, glob=True), expect=expect,
                            families=k.strings("families", glob=True) or (), match=match, **common))
     incompatible = list(base.incompatible) if base else []
     for i, raw in enumerate(top.tables("incompatible")):
         k = _Table(path, f"incompatible[{i}]", raw, INCOMPATIBLE_KEYS)
-        common = _declared(k, ("reason", "link"))
-        when = k.when()
-        if not common["cells"] and not when:
-            raise k.error("", "needs `cells` or `when`")
-        incompatible.append(Incompatible(when=when, **common))
+        incompatible.append(Incompatible(**_declared(k, ("reason", "link"), scoped="")))
     retired = list(base.retired) if base else []
     for i, raw in enumerate(top.tables("retired")):
         k = _Table(path, f"retired[{i}]", raw, RETIRED_KEYS)
