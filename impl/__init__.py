@@ -10,7 +10,8 @@ Public entry points (one per concern):
             registry of `impl.backends`: "triton", "grouped_mm", "loop"; filled on `import impl`, each implementation
             imported on first use);
 - PEFT:     `install_peft_hooks()` (done by `quantize_experts`), `save_adapter(peft_model, dir)`,
-            `load_adapter(model, dir)` (``PeftModel.from_pretrained`` + ``moe_compat.json`` orientation check).
+            `load_adapter(model, dir)` (``PeftModel.from_pretrained`` + orientation decided and checked as the merge
+            does, with or without ``moe_compat.json``).
 
 `import impl` imports torch and the backend registry only; the other submodules load on first attribute access, so
 it does not import transformers, PEFT, bitsandbytes or triton.
