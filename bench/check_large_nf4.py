@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import impl.ops.grouped_gemm as gg  # noqa: E402
+import impl.ops.dispatch as gg  # noqa: E402
 from impl.ops.grouped_lora import grouped_linear  # noqa: E402
 from impl.ops.moe_layer import sort_pairs  # noqa: E402
 from impl.ops.nf4_decode import nf4_decode_mm  # noqa: E402

@@ -21,7 +21,8 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, grouped_lora_mm, grouped_mm  # noqa: E402
+from impl.ops.dispatch import grouped_lora_mm, grouped_mm  # noqa: E402
+from impl.ops.formats import FMT_BF16, GroupedWeight  # noqa: E402
 from impl.ops.grouped_wgrad import grouped_wgrad  # noqa: E402
 from impl.ops.moe_layer import sort_pairs  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     python3 bench/sweep_configs.py [--tokens 64,16384] [--fmts bf16,nf4,fp8_block]
 
-Used once to pick `impl.ops.grouped_gemm.default_config`; results go to stdout (and --json).
+Used once to pick `impl.ops.kloop.default_config`; results go to stdout (and --json).
 """
 
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
@@ -19,7 +19,9 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from impl.ops.grouped_gemm import FMT_BF16, GroupedWeight, TileConfig, grouped_mm  # noqa: E402
+from impl.ops.dispatch import grouped_mm  # noqa: E402
+from impl.ops.formats import FMT_BF16, GroupedWeight  # noqa: E402
+from impl.ops.kloop import TileConfig  # noqa: E402
 from impl.ops.moe_layer import sort_pairs  # noqa: E402
 from impl.ops.quant import quantize_fp8_block_experts, quantize_nf4_experts  # noqa: E402
 

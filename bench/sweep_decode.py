@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from impl.ops.grouped_gemm import grouped_mm  # noqa: E402
+from impl.ops.dispatch import grouped_mm  # noqa: E402
 from impl.ops.moe_layer import sort_pairs  # noqa: E402
 from impl.ops.nf4_decode import DecodeConfig, default_decode_config, nf4_decode_mm  # noqa: E402
 from impl.ops.quant import quantize_nf4_experts  # noqa: E402

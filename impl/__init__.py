@@ -6,33 +6,36 @@ Public entry points (one per concern):
             `attach_fp8_experts(model, fp8_ckpt_dir)` (pre-quantized FP8 checkpoint, bit for bit),
             configs `NF4Config`, `FP8Config`, `DenseConfig`; `storage_bytes(module)` (real bytes);
 - forward:  `QuantizedExperts` (the module swapped in), `FP8Linear` (4.57 ModuleList FP8 experts),
-            `register_backend` / `Backend` (grouped GEMM backends);
+            `experts_forward` (the one experts forward), `Backend` / `register_backend` / `BACKENDS` (the backend
+            registry of `impl.backends`: "triton", "grouped_mm", "loop"; filled on `import impl`, each implementation
+            imported on first use);
 - PEFT:     `install_peft_hooks()` (done by `quantize_experts`), `save_adapter(peft_model, dir)`,
             `load_adapter(model, dir)` (``PeftModel.from_pretrained`` + orientation decided and checked as the merge
             does, with or without ``moe_compat.json``).
 
-Submodules are imported lazily so `import impl` does not import transformers, PEFT or bitsandbytes.
+`import impl` imports torch and the backend registry only; the other submodules load on first attribute access, so
+it does not import transformers, PEFT, bitsandbytes or triton.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from impl.backends import BACKENDS, Backend, register_backend  # the registry, filled here
+
 _EXPORTS = {
-    "NF4Config": "impl.quant_experts",
-    "FP8Config": "impl.quant_experts",
-    "DenseConfig": "impl.quant_experts",
+    "NF4Config": "impl.storage",
+    "FP8Config": "impl.storage",
+    "DenseConfig": "impl.storage",
+    "QuantizedExpertsError": "impl.storage",
+    "storage_bytes": "impl.storage",
     "QuantizedExperts": "impl.quant_experts",
-    "QuantizedExpertsError": "impl.quant_experts",
-    "storage_bytes": "impl.quant_experts",
     "load_model": "impl.loading",
     "quantize_experts": "impl.loading",
     "attach_fp8_experts": "impl.loading",
     "QuantReport": "impl.loading",
     "quantize_module_list_fp8": "impl.loading",
     "FP8Linear": "impl.fp8_linear",
-    "Backend": "impl.forward",
-    "register_backend": "impl.forward",
     "experts_forward": "impl.forward",
     "save_adapter": "impl.peft_integration",
     "load_adapter": "impl.peft_integration",
@@ -52,4 +55,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'impl' has no attribute {name!r}")
 
 
-__all__ = [*_EXPORTS, "install_peft_hooks"]
+__all__ = [*_EXPORTS, "install_peft_hooks", "BACKENDS", "Backend", "register_backend"]

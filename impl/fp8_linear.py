@@ -4,7 +4,7 @@
 
 - ``q`` float8_e4m3fn ``[out, in]`` and ``weight_scale_inv`` fp32 ``[ceil(out/bm), ceil(in/bn)]`` from
   ``reference.fp8.quantize_fp8_block`` (``w ≈ q.float() * scale_inv`` per ``bm x bn`` tile, ceil grid);
-- ``weight``: a zero-storage shape carrier (`impl.quant_experts._carrier`, one element, stride 0) in the compute dtype,
+- ``weight``: a zero-storage shape carrier (`impl.storage.shape_carrier`, one element, stride 0) in the compute dtype,
   so PEFT reads ``in_features`` / ``out_features``, dtype and device from it; nothing reads its values.
 
 forward(x [..., in]) -> [..., out] = ``F.linear(x, dequantize_fp8(q, scale_inv, block).to(x.dtype), bias)``; the
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impl.quant_experts import _carrier
+from impl.storage import shape_carrier
 from reference import fp8 as ref_fp8
 
 
@@ -45,7 +45,7 @@ class FP8Linear(nn.Linear):
         self.compute_dtype = compute_dtype
         self.register_buffer("q", q.contiguous())
         self.register_buffer("weight_scale_inv", scale_inv.to(torch.float32).contiguous())
-        self.weight = _carrier(torch.Size((out_f, in_f)), compute_dtype, q.device)
+        self.weight = shape_carrier(torch.Size((out_f, in_f)), compute_dtype, q.device)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
         self.register_state_dict_post_hook(_drop_carrier)
         from impl.peft_integration import install
@@ -80,7 +80,7 @@ class FP8Linear(nn.Linear):
             self.compute_dtype = probe.dtype
         if self.bias is not None:
             self.bias = nn.Parameter(self.bias.detach().to(probe.device, self.compute_dtype), requires_grad=False)
-        self.weight = _carrier(torch.Size((self.out_features, self.in_features)), self.compute_dtype, probe.device)
+        self.weight = shape_carrier(torch.Size((self.out_features, self.in_features)), self.compute_dtype, probe.device)
         return self
 
     def extra_repr(self) -> str:

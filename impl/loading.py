@@ -25,16 +25,16 @@ import torch
 from torch import nn
 
 from impl import compat
-from impl.quant_experts import (
+from impl.quant_experts import QuantizedExperts, is_fused_experts
+from impl.storage import (
     FP8,
     NF4,
     WEIGHT_NAMES,
     FP8Config,
+    FP8Weight,
     NF4Config,
     QuantConfig,
-    QuantizedExperts,
     QuantizedExpertsError,
-    is_fused_experts,
     storage_bytes,
 )
 
@@ -245,7 +245,6 @@ def attach_fp8_experts(model: nn.Module, ckpt_dir, *, compute_dtype: torch.dtype
     bf16, or a bf16 twin. Shapes must match; a module path absent from the model raises.
     """
     from impl.checkpoint import read_fp8_experts
-    from impl.quant_experts import FP8Weight
 
     found = read_fp8_experts(ckpt_dir)
     if not found:

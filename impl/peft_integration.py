@@ -42,19 +42,11 @@ from impl.adapter_dir import (
     read_adapter,
     read_adapter_config,
 )
-from impl.forward import LoraSpec
+from impl.forward import LoraSpec, lora_attached
 from impl.fp8_linear import FP8Linear
-from impl.quant_experts import (
-    DENSE,
-    FP8,
-    NF4,
-    DenseWeight,
-    FP8Weight,
-    NF4Weight,
-    QuantizedExperts,
-    QuantizedExpertsError,
-)
+from impl.quant_experts import QuantizedExperts
 from impl.sidecar import SIDECAR, SIDECAR_FORMAT, read_sidecar, write_sidecar
+from impl.storage import QuantizedExpertsError, requantize_like
 from reference.layout import (
     FUSED_LINEAR,
     GPT_OSS,
@@ -176,19 +168,6 @@ def _specs(wrapper, adapters) -> list[LoraSpec]:
 # --- forward ----------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _attached(base: QuantizedExperts, name: str, specs: list[LoraSpec]):
-    if base._lora[name]:
-        raise QuantizedExpertsError(
-            f"LoRA already attached to {name} of {base.original_class.__name__} (re-entrant call)"
-        )
-    base._lora[name] = specs
-    try:
-        yield
-    finally:
-        base._lora[name] = []
-
-
 def _forward(self, x, *args, **kwargs):
     self._check_forward_args(x, *args, **kwargs)
     if kwargs.pop("adapter_names", None) is not None:
@@ -200,22 +179,11 @@ def _forward(self, x, *args, **kwargs):
     if self.merged:
         return self.base_layer(x, *args, **kwargs)
     specs = _specs(self, self.active_adapters)
-    with _attached(self.get_base_layer(), self.parameter_name, specs):
+    with lora_attached(self.get_base_layer(), self.parameter_name, specs):
         return self.base_layer(x, *args, **kwargs)
 
 
 # --- merge ------------------------------------------------------------------------------------------------------
-
-
-def requantize_like(store, merged: torch.Tensor):
-    """New storage of the same kind and parameters as ``store`` holding ``merged [E, d1, d2]`` (fp32)."""
-    if store.kind == NF4:
-        return NF4Weight(merged, store.blocksize, store.double_quant)
-    if store.kind == FP8:
-        return FP8Weight.quantize(merged, store.block)
-    if store.kind == DENSE:
-        return DenseWeight(merged.to(store.weight.dtype))
-    raise QuantizedExpertsError(f"cannot requantize storage kind {store.kind!r}")
 
 
 def merged_delta(wrapper, adapters) -> torch.Tensor:

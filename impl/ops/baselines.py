@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from impl.ops.grouped_gemm import FMT_BF16, FMT_NF4, GroupedWeight
+from impl.ops.formats import FMT_BF16, FMT_NF4, GroupedWeight
 from impl.ops.nf4_dequant import nf4_dequantize
 
 

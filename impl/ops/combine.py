@@ -16,7 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from impl.ops.launches import tracked
 
+
+@tracked
 @triton.jit
 def _combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, H, stride_y, stride_o, K: tl.constexpr, BH: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)

@@ -3,8 +3,9 @@
 Weights ``[E, R, C]`` quantized per output row (``scale_w [E, R]`` = dequant multiplier, one per row of W_e, i.e. per
 output column of ``x @ W_e.T``); activations per row (``scale_x [S]``) by a one-pass Triton kernel. The op computes
 ``out[m, n] = sum_k xq[m, k] wq[e, n, k] * scale_x[m] * scale_w[e, n]``: both scales MULTIPLY (checked against
-`reference.fp8.dequantize_fp8` in tests/ops/test_fp8_rowwise.py). Not differentiable: the row scales of W lie along
-the reduction axis of the input gradient, so the frozen-base backward would need a second, column-wise copy.
+`reference.fp8.dequantize_fp8` by ``test_fp8_rowwise_scale_direction`` in tests/ops/test_gpu.py). Not differentiable:
+the row scales of W lie along the reduction axis of the input gradient, so the frozen-base backward would need a
+second, column-wise copy.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.ops.grouped_gemm import _e4m3_round_emulated, interpret_mode
+from impl.ops.formats import interpret_mode
+from impl.ops.jit_helpers import e4m3_round_emulated
+from impl.ops.launches import tracked
 
 
 @dataclass
@@ -43,6 +46,7 @@ def quantize_weight_rowwise(w: torch.Tensor, eps: float = 1e-12) -> RowwiseFP8We
     return RowwiseFP8Weight(q, scale)
 
 
+@tracked
 @triton.jit
 def _rowwise_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -51,7 +55,7 @@ def _rowwise_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0), 1e-12)  # IEEE division, as the reference
     q = tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0)
-    q = _e4m3_round_emulated(q, False)  # RNE in fp32 first: Triton's cast rounds twice (via fp16)
+    q = e4m3_round_emulated(q, False)  # RNE in fp32 first: Triton's cast rounds twice (via fp16)
     tl.store(q_ptr + row * stride_q + cols, q.to(tl.float8e4nv), mask=mask)
     tl.store(s_ptr + row, s)
 

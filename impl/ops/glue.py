@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from impl.ops.combine import _combine
+from impl.ops.launches import tracked
 
 
 class _GatherRows(torch.autograd.Function):
@@ -39,6 +40,7 @@ def gather_rows(x: torch.Tensor, token_idx: torch.Tensor, inv: torch.Tensor, k: 
     return _GatherRows.apply(x, token_idx, inv, k)
 
 
+@tracked
 @triton.jit
 def _silu_mul_fwd(h_ptr, o_ptr, S, I, stride_h, stride_o, BS: tl.constexpr, BI: tl.constexpr):
     rs = tl.program_id(0) * BS + tl.arange(0, BS)
@@ -51,6 +53,7 @@ def _silu_mul_fwd(h_ptr, o_ptr, S, I, stride_h, stride_o, BS: tl.constexpr, BI: 
     tl.store(o_ptr + rs64[:, None] * stride_o + ri[None, :], a.to(o_ptr.dtype.element_ty), mask=m)
 
 
+@tracked
 @triton.jit
 def _silu_mul_bwd(h_ptr, d_ptr, dh_ptr, S, I, stride_h, stride_d, stride_dh, BS: tl.constexpr, BI: tl.constexpr):
     rs = tl.program_id(0) * BS + tl.arange(0, BS)

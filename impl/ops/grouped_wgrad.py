@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.ops.grouped_gemm import interpret_mode
+from impl.ops.formats import interpret_mode
+from impl.ops.launches import tracked
 
 
 @triton.jit
@@ -30,6 +31,7 @@ def _wgrad_step(acc, p_ptr, stride_pm, stride_pa, q_ptr, stride_qm, stride_qb, m
     return acc
 
 
+@tracked
 @triton.jit
 def _grouped_wgrad_kernel(
     p_ptr, stride_pm, stride_pa,

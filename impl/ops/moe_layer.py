@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from impl.ops.combine import combine, inverse_order
+from impl.ops.formats import GroupedWeight
 from impl.ops.glue import gather_rows, silu_mul
-from impl.ops.grouped_gemm import GroupedWeight
 from impl.ops.grouped_lora import grouped_linear
 
 Linear = Callable[..., torch.Tensor]

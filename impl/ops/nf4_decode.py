@@ -1,6 +1,6 @@
 """NF4 grouped GEMM with the reduction split over programs, for very few rows (decode at a handful of tokens).
 
-Same problem and formats as `impl.ops.grouped_gemm` (forward only, ``y[m] = x[m] @ W_e.T``, x ``[S, C]`` sorted by
+Same problem and formats as `impl.ops.kloop` (forward only, ``y[m] = x[m] @ W_e.T``, x ``[S, C]`` sorted by
 expert, int32 END ``offsets [E]``, NF4 ``packed [E·R·C/2]`` high nibble first, fp32 ``absmax [E·R·C/64]``, ``code [16]``,
 optional LoRA epilogue ``+ s · la[m] @ lb_e``). With one token only top-k experts are active: 8 experts x 24 N tiles
 = 192 programs of a K loop for 132 SMs, so K is split over ``SPLIT`` programs; each writes an fp32 partial
@@ -8,16 +8,9 @@ optional LoRA epilogue ``+ s · la[m] @ lb_e``). With one token only top-k exper
 ``[BN, BK]`` tile is the left operand of the dot (swap-AB: ``acc[BN, BM] = W_tile @ x_tile.T``); values are
 ``code[q] * absmax`` in fp32 rounded once to x's dtype, the arithmetic of `reference.nf4.dequantize_nf4`.
 
-Measured on an H200 (reports/bench/raw/sweep-decode-*.txt, Qwen3-30B-A3B shapes): 1 token gate_up 38.8 us vs 50.9 us
-for the unsplit K-loop kernel; the code table held in registers (``tl.gather``, LUT=1) is 10-15 % faster than
-gathering from memory at 16-64 tokens (gate_up 254 vs 285 us at 64 tokens, bf16 ``torch._grouped_mm`` 261 us). No
-faster: splitting at 16+ tokens, a register prefetch of the next byte tile, a 256-entry pair table, per-byte absmax,
-an un-interleaved even/odd two-dot form, a CUDA-core FMA form (0.06-0.44 TB/s), and (BK = 64) the dot on bf16
-code values with the absmax applied to the partial sums (Qwen layer graph at 16 / 64 tokens: 347 / 491 us vs
-326 / 467 us, reports/bench/raw/decode-scale*-8832922.json). Diagnostics: without the dot the
-kernel takes half the time (the dequantized tile's conversion into an MMA operand), without the code lookup a third
-less; loads + dequantization alone reach 1.25 TB/s of NF4. `grouped_mm` routes NF4 forwards with <= 16 mean rows per
-expert here (`impl.ops.grouped_gemm.nf4_decode_route`).
+Split-K pays at one token only; the code table is held in registers (``tl.gather``, LUT=1). What was measured
+faster or slower, and what limits the kernel: reports/bench/NOTES.md ("NF4 decode kernel"). `grouped_mm` routes NF4
+forwards with <= 16 mean rows per expert here (`impl.ops.dispatch.nf4_decode_route`).
 """
 
 from __future__ import annotations
@@ -28,15 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from impl.ops.grouped_gemm import (
-    FMT_NF4,
-    NF4_BLOCK,
-    GroupedWeight,
-    _add_lora,
-    _expert_tile,
-    _next_pow2,
-    interpret_mode,
-)
+from impl.ops.formats import FMT_NF4, NF4_BLOCK, GroupedWeight, interpret_mode, next_pow2
+from impl.ops.jit_helpers import add_lora, expert_tile
+from impl.ops.launches import tracked
 
 
 @dataclass(frozen=True)
@@ -53,6 +40,7 @@ class DecodeConfig:
     LUT: int = 1  # code lookup: 0 = gather from the 16-entry table in memory, 1 = tl.gather from registers
 
 
+@tracked
 @triton.jit
 def _nf4_decode_kernel(
     x_ptr, stride_xm, stride_xk,
@@ -71,7 +59,7 @@ def _nf4_decode_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e, row_start, row_end = _expert_tile(offs_ptr, pid_m, E, E_P2, BM)
+    e, row_start, row_end = expert_tile(offs_ptr, pid_m, E, E_P2, BM)
     if e >= E:
         return
 
@@ -95,8 +83,8 @@ def _nf4_decode_kernel(
                        mask=nmask[:, None] & ((k0 // 2 + kb) < C // 2)[None, :], other=0).to(tl.int32)
         am = tl.load(absmax_ptr + row_am[:, None] + (k0 // 64 + ka)[None, :],
                      mask=nmask[:, None] & ((k0 // 64 + ka) < C // 64)[None, :], other=0.0)
-        # not `impl.ops.grouped_gemm._nf4_tile`: it interleaves the codes before one lookup on [BN, BK]; here the two
-        # half tiles are looked up first, which measured 254 vs 393 us (Qwen gate_up, 64 tokens; sweep-decode-7b9d2e3)
+        # not `impl.ops.jit_helpers.nf4_tile`: it interleaves the codes before one lookup on [BN, BK]; here the two
+        # half tiles are looked up first, which measured faster (reports/bench/NOTES.md, "NF4 decode kernel")
         if LUT:
             table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BN, 16))
             vals = tl.interleave(tl.gather(table, (byte >> 4) & 15, 1), tl.gather(table, byte & 15, 1))
@@ -122,7 +110,7 @@ def _nf4_decode_kernel(
                          mask=mmask[:, None] & rmask[None, :], other=0.0)
             lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + rn[None, :] * stride_lbn,
                          mask=rmask[:, None] & nmask[None, :], other=0.0)
-            out = _add_lora(out, la, lb, lora_scale, DOT_FP32)
+            out = add_lora(out, la, lb, lora_scale, DOT_FP32)
     omask = mmask[:, None] & nmask[None, :]
     if SPLIT == 1:
         tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, out.to(y_ptr.dtype.element_ty), mask=omask)
@@ -130,6 +118,7 @@ def _nf4_decode_kernel(
         tl.store(part_ptr + pid_k * stride_ps + rm64[:, None] * stride_pm + rn[None, :] * stride_pn, out, mask=omask)
 
 
+@tracked
 @triton.jit
 def _split_sum_kernel(part_ptr, stride_ps, stride_pm, stride_pn, y_ptr, stride_ym, stride_yn, offs_ptr, E, R,
                       SPLIT: tl.constexpr, BMR: tl.constexpr, BNR: tl.constexpr):
@@ -174,7 +163,7 @@ def nf4_decode_mm(
 ) -> torch.Tensor:
     """``y [S, R] = x [S, C] @ W_e.T`` per expert (+ LoRA epilogue) for NF4 weights; see the module docstring.
 
-    Same contract as ``grouped_mm(..., trans=False)``: offsets int32 [E] END offsets, rows past ``offsets[-1]`` are not
+    Same contract as ``impl.ops.dispatch.grouped_mm(..., trans=False)``: offsets int32 [E] END offsets, rows past ``offsets[-1]`` are not
     written; lora_in [S, r], lora_out [E, r, R]."""
     if weight.fmt != FMT_NF4:
         raise ValueError(f"nf4_decode_mm needs an nf4 weight, got {weight.fmt} {weight.shape}")
@@ -201,7 +190,7 @@ def nf4_decode_mm(
         if lora_in.shape != (S, r) or lora_out.shape != (E, r, R):
             raise ValueError(f"lora_in {tuple(lora_in.shape)} / lora_out {tuple(lora_out.shape)} do not match "
                              f"S={S}, E={E}, R={R}")
-        la, lb, rank_p = lora_in, lora_out, max(16, _next_pow2(r))
+        la, lb, rank_p = lora_in, lora_out, max(16, next_pow2(r))
     else:
         r, rank_p = 0, 16
         la, lb = x, x.new_empty((1, 1, 1))
@@ -227,7 +216,7 @@ def nf4_decode_mm(
         lb, lb.stride(0), lb.stride(1), lb.stride(2),
         float(lora_scale), r,
         E, R, C, K_ITERS=k_iters,
-        HAS_LORA=lora_in is not None, RANK_P=rank_p, E_P2=max(16, _next_pow2(E)),
+        HAS_LORA=lora_in is not None, RANK_P=rank_p, E_P2=max(16, next_pow2(E)),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT=split, DOT_FP32=dot_fp32, LUT=cfg.LUT,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

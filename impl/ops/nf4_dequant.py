@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from impl.ops.launches import tracked
 
+
+@tracked
 @triton.jit
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, NBYTES, BLOCK_BYTES: tl.constexpr):
     pid = tl.program_id(0)

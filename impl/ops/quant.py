@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from impl.ops.grouped_gemm import FMT_FP8, FMT_NF4, GroupedWeight
+from impl.ops.formats import FMT_FP8, FMT_NF4, GroupedWeight
 from reference import fp8 as rfp8
 from reference import nf4 as rnf4
 

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from impl import compat, loading, zoo
-from impl import train as tr
-from impl.quant_experts import DenseConfig, FP8Config, NF4Config, QuantizedExperts
+from impl import compat, loading
+from impl.quant_experts import QuantizedExperts
+from impl.storage import DenseConfig, FP8Config, NF4Config
+from tests.support import train as tr
+from tests.support import zoo
 
 SEED = 0
 VARIANT = "2i_ne_h"

@@ -26,10 +26,12 @@ pytest.importorskip("peft")
 
 import torch  # noqa: E402
 
-from impl import compat, zoo  # noqa: E402
-from impl import train as tr  # noqa: E402
-from impl.quant_experts import WEIGHT_NAMES, QuantizedExperts, storage_bytes  # noqa: E402
+from impl import compat  # noqa: E402
+from impl.quant_experts import QuantizedExperts  # noqa: E402
+from impl.storage import WEIGHT_NAMES, storage_bytes  # noqa: E402
 from tests.checks import helpers  # noqa: E402
+from tests.support import train as tr  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 pytestmark = [pytest.mark.check, pytest.mark.upstream]
 

@@ -24,10 +24,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from impl import compat, zoo  # noqa: E402
-from impl.quant_experts import storage_bytes  # noqa: E402
+from impl import compat  # noqa: E402
+from impl.storage import storage_bytes  # noqa: E402
 from reference.layout import Orientation, detect_orientation, parse_version, peft_swaps  # noqa: E402
 from tests.checks import helpers  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 pytestmark = [pytest.mark.check, pytest.mark.upstream]
 

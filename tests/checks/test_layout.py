@@ -33,12 +33,13 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from impl import compat, zoo  # noqa: E402
-from impl import train as tr  # noqa: E402
+from impl import compat  # noqa: E402
 from impl.merge import MERGED_16BIT, MergeError, merge_adapter  # noqa: E402
 from reference.layout import LayoutError, Orientation, peft_swaps  # noqa: E402
 from reference.lora import CONTIGUOUS_R, STRIDE_E, convert_adapter  # noqa: E402
 from tests.checks import helpers  # noqa: E402
+from tests.support import train as tr  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 pytestmark = [pytest.mark.check, pytest.mark.upstream]
 

@@ -45,10 +45,10 @@ pytest.importorskip("peft")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from impl import generate as gen  # noqa: E402
 from impl import peft_integration  # noqa: E402
 from impl.merge import MERGED_16BIT, merge_adapter  # noqa: E402
 from tests.checks import helpers  # noqa: E402
+from tests.support import generate as gen  # noqa: E402
 
 pytestmark = [pytest.mark.check, pytest.mark.upstream]
 

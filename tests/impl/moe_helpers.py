@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from impl import zoo
-from impl.quant_experts import DenseConfig, FP8Config, NF4Config, QuantizedExperts
+from impl.quant_experts import QuantizedExperts
+from impl.storage import DenseConfig, FP8Config, NF4Config
 from reference import experts as ref_experts
 from reference.lora import LoraFactors
+from tests.support import zoo
 
 KINDS = ("dense", "nf4", "fp8")
 # a family with fused 3-D experts in the installed transformers (4.57: only GPT-OSS)
@@ -38,9 +40,10 @@ def quant_config(kind: str, compute_dtype: torch.dtype = torch.bfloat16, variant
     return DenseConfig(compute_dtype=compute_dtype)
 
 
-def tiny(family: str, variant: str = "2i_ne_h", dtype=torch.float32, seed: int = 0):
-    """A zoo model with experts / routers re-randomised to unit-ish scale (init std 0.02 would make LoRA invisible)."""
-    model = zoo.build_model(family, variant, seed=seed, dtype=dtype)
+def tiny(family: str, variant: str = "2i_ne_h", dtype=torch.float32, seed: int = 0, **overrides):
+    """A zoo model with experts / routers re-randomised to unit-ish scale (init std 0.02 would make LoRA invisible);
+    ``overrides`` go to the config (e.g. ``num_experts``)."""
+    model = zoo.build_model(family, variant, seed=seed, dtype=dtype, **overrides)
     g = torch.Generator().manual_seed(seed + 100)
     for ex in zoo.describe(model)["experts"]:
         with torch.no_grad():
@@ -83,3 +86,42 @@ def _act_name(q: QuantizedExperts) -> str:
         if isinstance(v, str):
             return v
     raise AttributeError(f"no activation name on {type(cfg).__name__}")
+
+
+def ctx_tensors(out: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors custom autograd Functions in the graph of ``out`` keep as ``ctx`` attributes (not through
+    ``save_for_backward``, so ``saved_tensors_hooks`` does not see them)."""
+    held = []
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for v in getattr(node, "__dict__", {}).values():  # custom Function: the node is its ctx
+            if dataclasses.is_dataclass(v):  # e.g. a GroupedWeight or Routing kept on ctx
+                v = [getattr(v, f.name) for f in dataclasses.fields(v)]
+            held += [t for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor)]
+        todo += [n for n, _ in node.next_functions]
+    return held
+
+
+def held_for_backward(forward, root=lambda out: out) -> tuple[object, list[torch.Tensor]]:
+    """``(out, tensors kept for its backward)``: ``forward()`` runs under ``saved_tensors_hooks`` (every saved tensor),
+    then the graph of ``root(out)`` (a tensor, e.g. ``out.loss``) is walked for custom-Function ``ctx`` tensors."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = forward()
+    return out, saved + ctx_tensors(root(out))
+
+
+def dense_copies(tensors: list[torch.Tensor], q: QuantizedExperts) -> list[tuple]:
+    """The floating-point tensors among ``tensors`` that could be a dequantized expert weight of ``q``: the dense
+    shape ``[E, d1, d2]`` (or its transpose) of a weight, or at least as many elements as the smaller weight. (FP8
+    storage itself is ``[E, d1, d2]`` e4m3 codes: storage, not a dequantized copy.)"""
+    shapes = {tuple(q.storage(n).shape) for n in ("gate_up_proj", "down_proj")}
+    shapes |= {(e, b, a) for e, a, b in shapes}
+    smallest = min(q.storage(n).shape.numel() for n in ("gate_up_proj", "down_proj"))
+    dense = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    return [(tuple(t.shape), t.dtype) for t in tensors
+            if t.dtype in dense and (tuple(t.shape) in shapes or t.numel() >= smallest)]  # fmt: skip

@@ -22,7 +22,7 @@ from impl.checkpoint import FP8CheckpointError  # noqa: E402
 from impl.errors import AdapterError, OrientationError  # noqa: E402
 from impl.loading import attach_fp8_experts, quantize_experts  # noqa: E402
 from impl.peft_integration import SIDECAR, load_adapter, save_adapter  # noqa: E402
-from impl.quant_experts import QuantizedExpertsError  # noqa: E402
+from impl.storage import QuantizedExpertsError  # noqa: E402
 from reference.layout import peft_swaps  # noqa: E402
 from tests.impl.moe_helpers import FUSED_FAMILY, quant_config, tiny  # noqa: E402
 from tests.impl.test_loading import MODULE_LIST, _fp8_checkpoint  # noqa: E402

@@ -25,13 +25,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
-from impl import zoo  # noqa: E402
 from impl.loading import load_model, quantize_experts  # noqa: E402
-from impl.quant_experts import FP8Config, NF4Config, QuantizedExperts, QuantizedExpertsError  # noqa: E402
+from impl.quant_experts import QuantizedExperts  # noqa: E402
+from impl.storage import FP8Config, NF4Config, QuantizedExpertsError  # noqa: E402
 from reference import experts as ref_experts  # noqa: E402
 from reference import nf4 as ref_nf4  # noqa: E402
 from reference import routing as ref_routing  # noqa: E402
 from tests.impl.moe_helpers import REL_TOL, rel_err, tiny  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 V = zoo.installed_version()
@@ -238,7 +239,7 @@ def _projs(expert) -> tuple:
 @pytest.mark.skipif(not MODULE_LIST, reason=f"transformers {V} has fused experts")
 def test_module_list_fp8_codes_routers_and_bytes(tmp_path, record_property):
     from impl.fp8_linear import FP8Linear
-    from impl.quant_experts import storage_bytes
+    from impl.storage import storage_bytes
     from reference import fp8 as ref_fp8
 
     src, model, rep = _module_list_fp8(tmp_path)

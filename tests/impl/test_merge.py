@@ -35,13 +35,13 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from impl import zoo  # noqa: E402
 from impl.checkpoint import PER_EXPERT_RE, open_checkpoint  # noqa: E402
 from impl.errors import OrientationError  # noqa: E402
 from impl.merge import FP8_METHOD, MERGED_16BIT, merge_adapter  # noqa: E402
 from reference.fp8 import dequantize_fp8, quantize_fp8_block  # noqa: E402
 from reference.layout import peft_swaps  # noqa: E402
 from reference.lora import CONTIGUOUS_R, STRIDE_E, convert_adapter  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 

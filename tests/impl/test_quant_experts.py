@@ -16,20 +16,20 @@ import torch
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
 
-from impl import zoo  # noqa: E402
 from impl.loading import quantize_experts  # noqa: E402
-from impl.quant_experts import (  # noqa: E402
+from impl.quant_experts import QuantizedExperts  # noqa: E402
+from impl.storage import (  # noqa: E402
     WEIGHT_NAMES,
     FP8Weight,
     NF4Config,
     NF4Weight,
-    QuantizedExperts,
     QuantizedExpertsError,
     storage_bytes,
 )
 from reference import fp8 as ref_fp8  # noqa: E402
 from reference import nf4 as ref_nf4  # noqa: E402
 from tests.impl.moe_helpers import FUSED_FAMILY, quant_config, tiny  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 FAMILY = FUSED_FAMILY
@@ -44,6 +44,22 @@ def test_nf4_storage_is_reference_exact(shape, double_quant):
     packed, state = ref_nf4.quantize_nf4(w, 64, double_quant, nested_rounding=ref_nf4.BNB_CPU_LUT)
     assert torch.equal(st.packed.reshape(-1), packed.reshape(-1))
     assert torch.equal(st.dequantize(torch.float32), ref_nf4.dequantize_nf4(packed, state, torch.float32))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_from_reference_codes_equals_bitsandbytes_storage(double_quant):
+    """`NF4Weight.from_state` (codes from `reference.nf4`, no bitsandbytes) holds the bytes bitsandbytes would, and
+    `absmax_fp32` (what the Triton kernels read) is the reference's de-nested absmax, bit for bit."""
+    w = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(4))
+    st = NF4Weight(w, blocksize=64, double_quant=double_quant)
+    packed, state = ref_nf4.quantize_nf4(w, 64, double_quant, nested_rounding=ref_nf4.BNB_CPU_LUT)
+    assert torch.equal(st.absmax_fp32(), ref_nf4.absmax_of(state))
+    if not double_quant:
+        mine = NF4Weight.from_state(packed, state.absmax, w.shape, 64)
+        assert torch.equal(mine.packed, st.packed) and torch.equal(mine.absmax, st.absmax)
+        assert torch.equal(mine.dequantize(torch.float32), st.dequantize(torch.float32))
+    with pytest.raises(QuantizedExpertsError, match="bytes"):
+        NF4Weight.from_state(packed[:-1], ref_nf4.absmax_of(state), w.shape, 64)
 
 
 def test_flat_state_dequant_is_exact_where_bnb_nd_kernel_is_not(record_property):

@@ -1,4 +1,4 @@
-"""impl/zoo.py and impl/compat.py against the installed transformers: every available family builds in every
+"""tests/support/zoo.py and impl/compat.py against the installed transformers: every available family builds in every
 variant, `describe` reports what the real modules hold, and compat's class-name facts match the real classes.
 """
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from impl import compat, zoo
+from impl import compat
+from tests.support import zoo
 
 pytestmark = pytest.mark.upstream
 

@@ -21,19 +21,11 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 
 from impl.ops.baselines import torch_grouped_linear  # noqa: E402
 from impl.ops.combine import combine  # noqa: E402
+from impl.ops.dispatch import DECODE_REASON, grouped_lora_mm, grouped_mm, lora_path, nf4_decode_route  # noqa: E402
+from impl.ops.formats import FMT_BF16, GroupedWeight  # noqa: E402
 from impl.ops.fp8_rowwise import fp8_rowwise_grouped_mm, quantize_weight_rowwise  # noqa: E402
-from impl.ops.grouped_gemm import (  # noqa: E402
-    DECODE_REASON,
-    FMT_BF16,
-    GroupedWeight,
-    TileConfig,
-    grouped_lora_mm,
-    grouped_mm,
-    lora_path,
-    nf4_decode_route,
-    quantize_act_1x128,
-)
 from impl.ops.grouped_lora import grouped_linear  # noqa: E402
+from impl.ops.kloop import TileConfig, quantize_act_1x128  # noqa: E402
 from impl.ops.moe_layer import moe_layer, sort_pairs  # noqa: E402
 from impl.ops.nf4_dequant import nf4_dequantize  # noqa: E402
 from impl.ops.quant import quantize_fp8_block_experts, quantize_nf4_experts  # noqa: E402

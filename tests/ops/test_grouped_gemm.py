@@ -26,20 +26,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 from impl.ops.combine import combine, inverse_order  # noqa: E402
+from impl.ops.dispatch import grouped_lora_mm, grouped_mm, lora_path  # noqa: E402
+from impl.ops.formats import FMT_BF16, FMT_FP8, FMT_NF4, GroupedWeight  # noqa: E402
 from impl.ops.glue import gather_rows, silu_mul  # noqa: E402
-from impl.ops.grouped_gemm import (  # noqa: E402
-    FMT_BF16,
-    FMT_FP8,
-    FMT_NF4,
-    GroupedWeight,
-    TileConfig,
-    grouped_lora_mm,
-    grouped_mm,
-    lora_path,
-    quantize_act_1x128,
-)
 from impl.ops.grouped_lora import grouped_linear  # noqa: E402
 from impl.ops.grouped_wgrad import grouped_wgrad  # noqa: E402
+from impl.ops.kloop import TileConfig, quantize_act_1x128  # noqa: E402
 from impl.ops.moe_layer import moe_layer, sort_pairs  # noqa: E402
 from impl.ops.nf4_dequant import nf4_dequantize  # noqa: E402
 from reference import dispatch as rdispatch  # noqa: E402

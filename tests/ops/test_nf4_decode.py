@@ -19,7 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from impl.ops.grouped_gemm import FMT_NF4, GroupedWeight  # noqa: E402
+from impl.ops.formats import FMT_NF4, GroupedWeight  # noqa: E402
 from impl.ops.nf4_decode import DecodeConfig, default_decode_config, nf4_decode_mm  # noqa: E402
 from reference import nf4 as rnf4  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_grouped_mm_routes_few_rows_to_the_decode_kernel():
     """`grouped_mm` (default tiles) hands an NF4 forward with <= 16 mean rows per expert to the decode kernel, LoRA
     included and unfused by rule; the result equals the float64 reference; the input gradient and larger problems
     stay on the K-loop kernel."""
-    from impl.ops.grouped_gemm import DECODE_REASON, grouped_lora_mm, grouped_mm, lora_path, nf4_decode_route
+    from impl.ops.dispatch import DECODE_REASON, grouped_lora_mm, grouped_mm, lora_path, nf4_decode_route
 
     torch.manual_seed(9)
     E, R, C, r, s = len(COUNTS), 48, 256, 3, 0.5

@@ -23,9 +23,10 @@ import pytest
 import torch
 import transformers
 
-from impl import compat, zoo
+from impl import compat
 from reference import experts as rx
 from reference import routing as rr
+from tests.support import zoo
 
 pytestmark = pytest.mark.oracle
 

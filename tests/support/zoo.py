@@ -5,6 +5,7 @@
     build_config(family, variant, **overrides)
     build_model(family, variant, seed=0, dtype=torch.float32)
     describe(model)                     -> dict: experts/router modules per MoE layer, layout, E, H, I, k, router kind
+    Holder(experts)                     -> the smallest model PEFT wraps around one experts module
 
 Shapes: E experts, H hidden, I per-expert intermediate, k experts per token. Every model has 2 decoder
 layers and vocab 128; building one takes well under a second on CPU.
@@ -329,3 +330,15 @@ def fp8_aligned(variant: str) -> bool:
     """Every expert dim of `variant` is a multiple of 128 and >= 256 (transformers.md §7)."""
     v = VARIANTS[variant]
     return all(d % 128 == 0 and d >= 256 for d in (v.hidden, v.inter, 2 * v.inter))
+
+
+class Holder(torch.nn.Module):
+    """The smallest model PEFT can wrap around one experts module (``target_parameters`` keys ``experts.<param>``):
+    ``forward(x [T, H], idx [T, k], w [T, k]) = experts(x, idx, w)``."""
+
+    def __init__(self, experts: torch.nn.Module):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x, idx, w):
+        return self.experts(x, idx, w)
