@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from harness import report
-from harness.matrix import CachedSource, MatrixError, ResolveError, load_matrix, pypi_versions, resolve_cell
+from harness.index import IndexConfig, IndexSource
+from harness.matrix import MatrixError, ResolveError, load_matrix, resolve_cell
 from harness.runner import ROOT, Progress, RunOptions, host_info, run_cells
 
 REPORTS = ROOT / "reports"
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--summary-to", type=Path, help="append summary.md to this file (e.g. $GITHUB_STEP_SUMMARY)")
     ls = sub.add_parser("list", help="list the cells of a matrix")
     ls.add_argument("--matrix", default="default")
-    ls.add_argument("--resolve", action="store_true", help="also resolve the specs against PyPI")
+    ls.add_argument("--resolve", action="store_true", help="also resolve the specs against the configured index")
     return p
 
 
@@ -111,14 +112,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = _now()
     print(f"matrix {matrix.name}: {len(cells)} cell(s), {opts.jobs} in parallel -> {run_dir}", flush=True)
     t0 = time.monotonic()
-    records = run_cells(matrix, cells, source=CachedSource(pypi_versions), run_dir=run_dir, opts=opts,
-                        progress=Progress())
+    source = IndexSource(IndexConfig.from_environment())
+    print(f"package index: {source.config.index_url}" + "".join(f", {u}" for u in source.config.sources[1:]),
+          flush=True)
+    records = run_cells(matrix, cells, source=source, run_dir=run_dir, opts=opts, progress=Progress())
     summary = report.build_summary(
         records, run_id=run_id, host=opts.host, started=started, finished=_now(),
         matrix={"name": matrix.name, "path": str(matrix.path), "description": matrix.description,
                 "tests": list(opts.tests or matrix.tests)},
         options={"quick": opts.quick, "jobs": opts.jobs, "cells": [c.id for c in cells],
-                 "wall_s": round(time.monotonic() - t0, 1)})
+                 "wall_s": round(time.monotonic() - t0, 1), "index": source.describe()})
     return _finish(summary, run_dir, args.baseline, args.reports / "latest")
 
 
@@ -141,7 +144,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
-    source = CachedSource(pypi_versions)
+    source = IndexSource(IndexConfig.from_environment())
     for cell in matrix.cells():
         line = f"{cell.id:20s} " + " ".join(f"{p}{s if s != 'latest' else ' latest'}" for p, s in cell.specs.items())
         if args.resolve:

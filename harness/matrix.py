@@ -5,8 +5,11 @@ A matrix file has
   ``install_timeout_s``, ``pytest_args``, optional ``extends = "<other matrix>"`` (axes values, packages and
   known entries are appended to the other file's);
 * ``[packages]``: packages installed in every cell, ``name = "<spec>"`` (resolved like the axes, e.g. accelerate);
-* ``[[axis]]``: ``package``, ``prefix`` (one letter of the cell id) and ``values = [{id, spec, note}]``; the cross
-  product of the axes gives the cells ``t<id>-p<id>``;
+* ``[[axis]]``: ``package``, ``prefix`` (one letter of the cell id) and ``values = [{id, spec | path | vcs, pre,
+  note}]``; the cross product of the axes gives the cells ``t<id>-p<id>``. A value has exactly one of ``spec`` (PEP 440
+  specifier set), ``path`` (a local wheel, sdist or source tree, relative to the repository root or absolute) and
+  ``vcs`` (``git+https://host/repo@ref``, installed at the commit the ref names when the run starts);
+  ``pre = true`` (only with ``spec``) lets the spec resolve to pre-releases (rc, dev, alpha, beta);
 * ``[[pin]]``: ``cells`` globs + ``packages = {name = spec}``: extra pins for some cells (never torch: torch is
   always the base venv's; a torch pin is an error);
 * ``[[known]]``: known-broken checks: ``cells`` (globs on cell ids) and/or ``when`` (PEP 440 specifiers on the
@@ -17,18 +20,17 @@ A matrix file has
   ``link``): the cell is ``skipped`` with the reason once the import probe confirms it (a probe that succeeds
   means the entry is stale: the cell runs and the stale entry is reported as an ``xpass`` check).
 
-A spec is a PEP 440 specifier set resolved to the newest final release on the index that satisfies it
-(``"==4.57.*"`` newest 4.57.x, ``"==5.0.0"`` exactly, ``""`` or ``"latest"`` newest release). A spec no release
-satisfies makes the cell ``unreleased``.
+A spec is a PEP 440 specifier set resolved to the newest final release on the configured index (``harness/index.py``)
+that satisfies it (``"==4.57.*"`` newest 4.57.x, ``"==5.0.0"`` exactly, ``""`` or ``"latest"`` newest release; with
+``pre = true`` the newest release or pre-release). A spec no release satisfies makes the cell ``unreleased``.
+``path`` and ``vcs`` values resolve through ``harness/direct.py``. The resolved version and the exact source of every
+package (index files and their sha256, wheel sha256, tree digest, commit hash) are recorded in the cell record.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,9 @@ from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
+
+from harness import direct
+from harness.index import ResolveError, RunCache  # noqa: F401  (ResolveError: re-exported for runner and cli)
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRICES_DIR = ROOT / "matrices"
@@ -45,10 +50,6 @@ VersionSource = Callable[[str], list[str]]
 
 class MatrixError(ValueError):
     """A matrix file is malformed; the message names the file and the offending entry."""
-
-
-class ResolveError(RuntimeError):
-    """The package index could not be asked (network, HTTP error); not the same as `unreleased`."""
 
 
 def _spec_set(spec: str, where: str) -> SpecifierSet:
@@ -75,6 +76,17 @@ class AxisValue:
     id: str
     spec: str
     note: str = ""
+    pre: bool = False
+    path: str | None = None
+    vcs: str | None = None
+
+    def describe(self) -> str:
+        """The value as a spec string for reports: the specifier, ``path:<path>`` or the VCS reference."""
+        if self.path is not None:
+            return f"path:{self.path}"
+        if self.vcs is not None:
+            return self.vcs
+        return self.spec + (" (pre)" if self.pre else "")
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,7 @@ class CellSpec:
     id: str
     specs: dict[str, str]
     axis_ids: dict[str, str]
+    values: dict[str, AxisValue] = field(default_factory=dict)  # axis package -> its value (pre / path / vcs)
 
 
 @dataclass(frozen=True)
@@ -163,11 +176,14 @@ class Matrix:
         for combo in combos:
             cid = "-".join(f"{prefixes[v.package]}{v.id}" for v in combo)
             specs = dict(self.packages)
-            specs.update({v.package: v.spec for v in combo})
+            specs.update({v.package: v.describe() for v in combo})
+            values = {v.package: v for v in combo}
             for globs, pinned in self.pins:
                 if any(fnmatch.fnmatchcase(cid, g) for g in globs):
                     specs.update(pinned)
-            out.append(CellSpec(cid, specs, {v.package: v.id for v in combo}))
+                    for pkg in pinned:
+                        values.pop(pkg, None)  # a pin replaces the axis value of its package
+            out.append(CellSpec(cid, specs, {v.package: v.id for v in combo}, values))
         return out
 
     def cell(self, cell_id: str) -> CellSpec:
@@ -231,12 +247,17 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
         prefix = ax.get("prefix", axes.get(pkg, (pkg[0], []))[0])
         values = axes.get(pkg, (prefix, []))[1]
         for j, v in enumerate(ax["values"]):
-            if "id" not in v or "spec" not in v:
-                raise MatrixError(f"{where}.values[{j}]: needs `id` and `spec`")
-            _spec_set(v["spec"], f"{where}.values[{j}]")
+            kinds = [k for k in ("spec", "path", "vcs") if k in v]
+            if "id" not in v or len(kinds) != 1:
+                raise MatrixError(f"{where}.values[{j}]: needs `id` and exactly one of `spec`, `path`, `vcs`")
+            if v.get("pre") and "spec" not in v:
+                raise MatrixError(f"{where}.values[{j}]: `pre = true` goes only with `spec`")
+            if "spec" in v:
+                _spec_set(v["spec"], f"{where}.values[{j}]")
             if any(x.id == str(v["id"]) for x in values):
                 raise MatrixError(f"{where}.values[{j}]: duplicate id {v['id']!r}")
-            values.append(AxisValue(pkg, str(v["id"]), v["spec"], v.get("note", "")))
+            values.append(AxisValue(pkg, str(v["id"]), v.get("spec", ""), v.get("note", ""), bool(v.get("pre", False)),
+                                    v.get("path"), v.get("vcs")))
         axes[pkg] = (prefix, values)
     if not axes:
         raise MatrixError(f"{path}: no [[axis]]")
@@ -294,8 +315,9 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
 
 # ----------------------------------------------------------------------------------------------- resolution
 
-def resolve_spec(spec: str, versions: list[str]) -> str | None:
-    """Newest final release in ``versions`` satisfying ``spec``; None when there is none (`unreleased`)."""
+def resolve_spec(spec: str, versions: list[str], *, pre: bool = False) -> str | None:
+    """Newest version in ``versions`` satisfying ``spec``: final releases only, or also pre/dev releases when
+    ``pre``; None when there is none (`unreleased`)."""
     ss = _spec_set(spec, "spec")
     good = []
     for v in versions:
@@ -303,60 +325,87 @@ def resolve_spec(spec: str, versions: list[str]) -> str | None:
             pv = Version(v)
         except InvalidVersion:
             continue
-        if pv.is_prerelease or pv.is_devrelease:
+        if (pv.is_prerelease or pv.is_devrelease) and not pre:
             continue
-        if ss.contains(pv):
+        if ss.contains(pv, prereleases=pre):
             good.append(pv)
     return str(max(good)) if good else None
 
 
-def pypi_versions(package: str, *, timeout: float = 30.0) -> list[str]:
-    """Release versions of ``package`` on PyPI that have at least one file not yanked (JSON API)."""
-    url = f"https://pypi.org/pypi/{package}/json"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - fixed https URL
-            data = json.load(resp)
-    except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
-        raise ResolveError(f"cannot list versions of {package} from {url}: {exc}") from exc
-    return [v for v, files in data.get("releases", {}).items() if files and not all(f.get("yanked") for f in files)]
+class CachedSource(RunCache):
+    """A version source asked once per package per run (answers and ResolveErrors memoized, thread-safe).
 
+    ``harness.index.IndexSource`` is the real one (it also tells where a version comes from); tests wrap a table.
+    """
 
-class CachedSource:
-    """Memoizes a version source for one run (one index query per package)."""
-
-    def __init__(self, source: VersionSource = pypi_versions):
+    def __init__(self, source: VersionSource):
+        super().__init__()
         self._source = source
-        self._cache: dict[str, list[str]] = {}
 
     def __call__(self, package: str) -> list[str]:
-        if package not in self._cache:
-            self._cache[package] = list(self._source(package))
-        return self._cache[package]
+        return self.memo(("versions", package), lambda: list(self._source(package)))
+
+    def provenance(self, package: str, version: str) -> dict[str, Any]:
+        return {"kind": "index", "version": version}
+
+
+def run_source(source: VersionSource) -> RunCache:
+    """``source`` as a per-run cache (IndexSource and CachedSource already are one)."""
+    return source if isinstance(source, RunCache) else CachedSource(source)
 
 
 @dataclass(frozen=True)
 class Resolution:
-    resolved: dict[str, str]
-    unreleased: dict[str, str]  # package -> message
+    resolved: dict[str, str]          # package -> version (direct references: when known before installing)
+    unreleased: dict[str, str]        # package -> message
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # package -> exact source (see harness/direct.py)
+    direct: dict[str, str] = field(default_factory=dict)  # package -> `name @ url` requirement (path / vcs values)
 
     @property
     def ok(self) -> bool:
         return not self.unreleased
 
     def requirements(self) -> list[str]:
-        return [f"{pkg}=={ver}" for pkg, ver in sorted(self.resolved.items())]
+        pins = [f"{pkg}=={ver}" for pkg, ver in sorted(self.resolved.items()) if pkg not in self.direct]
+        return pins + [req for _pkg, req in sorted(self.direct.items())]
+
+
+def resolve_value(value: AxisValue, source: VersionSource) -> tuple[str, dict[str, Any]]:
+    """(requirement, source record) of a ``path`` or ``vcs`` value, once per run for a given reference."""
+    memo = run_source(source).memo
+    if value.path is not None:
+        return memo(("path", value.package, value.path), lambda: direct.resolve_path(value.package, value.path))
+    if value.vcs is not None:
+        return memo(("vcs", value.package, value.vcs), lambda: direct.resolve_vcs(value.package, value.vcs))
+    raise ValueError(f"{value.package} {value.id}: not a path or vcs value")
 
 
 def resolve_cell(cell: CellSpec, source: VersionSource) -> Resolution:
-    """Resolve every spec of ``cell``; specs without a release are listed in ``unreleased`` with the newest one."""
-    resolved, unreleased = {}, {}
+    """Resolve every package of ``cell``; specs without a release are listed in ``unreleased`` with the newest one.
+
+    Raises ResolveError (or a subclass: IndexUnreachable, SourceError) when an index, a path or a VCS reference cannot
+    be read; the runner turns it into the cell's `error`.
+    """
+    src = run_source(source)
+    resolved, unreleased, sources, direct_reqs = {}, {}, {}, {}
     for pkg, spec in cell.specs.items():
-        versions = source(pkg)
-        got = resolve_spec(spec, versions)
+        value = cell.values.get(pkg)
+        if value is not None and (value.path is not None or value.vcs is not None):
+            req, record = resolve_value(value, src)
+            direct_reqs[pkg], sources[pkg] = req, record
+            if record.get("version"):
+                resolved[pkg] = record["version"]
+            continue
+        pre = value.pre if value is not None else False
+        text = value.spec if value is not None else spec
+        versions = src(pkg)
+        got = resolve_spec(text, versions, pre=pre)
         if got is None:
-            newest = resolve_spec("", versions)
-            unreleased[pkg] = (f"no release of {pkg} matches {spec!r} (newest release: {newest})"
-                               if newest else f"no release of {pkg} on the index")
+            newest = resolve_spec("", versions, pre=pre)
+            kind = "release or pre-release" if pre else "release"
+            unreleased[pkg] = (f"no {kind} of {pkg} matches {text!r} (newest {kind}: {newest})"
+                               if newest else f"no {kind} of {pkg} on the index")
         else:
             resolved[pkg] = got
-    return Resolution(resolved, unreleased)
+            sources[pkg] = {**src.provenance(pkg, got), "pre": pre}
+    return Resolution(resolved, unreleased, sources, direct_reqs)

@@ -24,8 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from packaging.version import InvalidVersion, Version
+
 from harness import envs
-from harness.matrix import CellSpec, Matrix, ResolveError, VersionSource, resolve_cell
+from harness.matrix import CellSpec, Matrix, ResolveError, VersionSource, resolve_cell, run_source
 
 ROOT = envs.ROOT
 CELLS_ENVS_DIR = envs.ENVS_DIR / "cells"
@@ -212,6 +214,16 @@ def _wait_with_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int | Non
     return (None if timed_out else proc.returncode), round(usage.ru_utime + usage.ru_stime, 2)
 
 
+def _same_version(want: str, got: str | None) -> bool:
+    """PEP 440 equality (``5.0.0rc0`` == ``5.0.0-rc0``); a missing distribution is never the same."""
+    if got is None:
+        return False
+    try:
+        return Version(want) == Version(got)
+    except InvalidVersion:
+        return want == got
+
+
 def cell_status(checks: list[dict[str, Any]]) -> str:
     return "fail" if any(c["status"] in UNEXPECTED for c in checks) else "pass"
 
@@ -228,7 +240,7 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         stale.unlink(missing_ok=True)
     rec: dict[str, Any] = {
         "id": cell.id, "matrix": matrix.name, "specs": dict(cell.specs), "axis_ids": dict(cell.axis_ids),
-        "resolved": {}, "status": "error", "message": "", "started": _now(), "finished": None, "duration_s": 0.0,
+        "resolved": {}, "sources": {}, "status": "error", "message": "", "started": _now(), "finished": None, "duration_s": 0.0,
         "phases": {}, "venv": None, "venv_bytes": None, "venv_reused": None, "freeze": [], "installed": {},
         "checks": [], "known": [], "known_unused": [], "pytest_exit": None, "log": str(log), "log_tail": "",
         "host": opts.host,
@@ -254,9 +266,10 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         res = resolve_cell(cell, source)
     except ResolveError as exc:
         timed("resolve", ts)
-        return finish("error", f"resolve failed: {exc}")
+        return finish("error", f"resolve failed ({type(exc).__name__}): {exc}")
     timed("resolve", ts)
     rec["resolved"] = dict(res.resolved)
+    rec["sources"] = {pkg: dict(src) for pkg, src in res.sources.items()}
     if not res.ok:
         return finish("unreleased", "; ".join(res.unreleased.values()))
 
@@ -295,7 +308,7 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     env_vars.setdefault("HYPOTHESIS_PROFILE", "ci")
     env_vars.setdefault("OMP_NUM_THREADS", threads)
     axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes]
-    dists = sorted({*res.resolved, "torch", "bitsandbytes"})
+    dists = sorted({*res.resolved, *res.direct, "torch", "bitsandbytes"})
     # A probe result is cached in the venv: same pins, same base, same packages asked -> same answer.
     probe_key = json.dumps({"venv": envs.requirements_key(reqs), "dists": dists, "mods": axis_pkgs,
                             "env": opts.env}, sort_keys=True)
@@ -319,7 +332,11 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         probe = json.loads(line[len("MOE_PROBE "):])
         probe_file.write_text(json.dumps({"key": probe_key, "probe": probe}))
     rec["installed"] = probe["versions"]
-    mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items() if probe["versions"].get(p) != v}
+    mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items()
+                  if not _same_version(v, probe["versions"].get(p))}
+    for pkg in res.direct:  # a source tree or VCS commit has its version only once installed
+        if pkg not in res.resolved and probe["versions"].get(pkg):
+            rec["resolved"][pkg] = rec["sources"][pkg]["version"] = probe["versions"][pkg]
     if mismatched:
         return finish("error", "installed versions differ from the resolved ones: "
                       + ", ".join(f"{p} resolved {a} installed {b}" for p, (a, b) in mismatched.items()))
@@ -393,6 +410,7 @@ def run_cells(matrix: Matrix, cells: list[CellSpec], *, source: VersionSource, r
               build_env: BuildEnv = envs.ensure_env, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Run ``cells`` with up to ``opts.jobs`` in parallel; records come back in matrix order."""
     progress = progress or Progress()
+    source = run_source(source)  # one index query per package for the whole run, shared by the cells
     with progress, ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
         futures = [pool.submit(run_cell, matrix, c, source=source, run_dir=run_dir, opts=opts,
                                build_env=build_env, progress=progress) for c in cells]
