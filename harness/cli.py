@@ -6,6 +6,10 @@
     python -m harness.cli merge DIR_OR_CELL_JSON... [--out DIR] [--baseline summary.json] [--run-id ID]
                                 [--matrix NAME] [--summary-to FILE]     (e.g. --summary-to "$GITHUB_STEP_SUMMARY")
     python -m harness.cli list  [--matrix NAME] [--resolve]
+    python -m harness.cli prerelease [--package P] [--candidate P=pre|SPEC|PATH|git+URL@ref ...] [--cell ID] [...]
+    python -m harness.cli bisect --package P --good V --bad V --check NAME_OR_NODE_ID [--cell ID] [--pre] [...]
+
+(prerelease: harness/prerelease.py, bisect: harness/bisect.py; their exit codes are described there.)
 
 Exit codes: 0 gate passed; 1 gate failed (unexpected failure, error cell, or regression against the baseline);
 130 interrupted (Ctrl-C or SIGTERM: the running cells are killed);
@@ -22,7 +26,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from harness import report
+from harness import bisect, prerelease, report
 from harness.index import IndexConfig, IndexSource
 from harness.matrix import MatrixError, ResolveError, load_matrix, resolve_cell
 from harness.runner import ROOT, Progress, RunOptions, host_info, run_cells
@@ -64,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list the cells of a matrix")
     ls.add_argument("--matrix", default="default")
     ls.add_argument("--resolve", action="store_true", help="also resolve the specs against the configured index")
+    prerelease.add_arguments(sub.add_parser("prerelease", help="candidate (newest pre-release, wheel, VCS ref) vs "
+                                                                "the newest release: regression report"))
+    bisect.add_arguments(sub.add_parser("bisect", help="first release between --good and --bad that fails a check"))
     return p
 
 
@@ -161,10 +168,11 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.cmd == "run":
+    if args.cmd in ("run", "prerelease", "bisect"):
         signal.signal(signal.SIGTERM, _sigterm)
     try:
-        return {"run": cmd_run, "merge": cmd_merge, "list": cmd_list}[args.cmd](args)
+        return {"run": cmd_run, "merge": cmd_merge, "list": cmd_list, "prerelease": prerelease.main,
+                "bisect": bisect.main}[args.cmd](args)
     except (MatrixError, report.ReportError, ResolveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

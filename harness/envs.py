@@ -107,10 +107,11 @@ def base_distributions() -> dict[str, str]:
 
 
 def find_uv() -> Path | None:
-    """The uv binary next to the base interpreter (requirements/base.txt) or on PATH; None when absent."""
-    local = Path(sys.executable).parent / "uv"
-    if local.exists():
-        return local
+    """The uv binary next to the running interpreter or in the base venv (requirements/base.txt; also found from
+    inside a cell venv such as .envs/tests), else on PATH; None when absent."""
+    for local in (Path(sys.executable).parent / "uv", base_site_packages().parents[2] / "bin" / "uv"):
+        if local.exists():
+            return local
     found = shutil.which("uv")
     return Path(found) if found else None
 

@@ -29,6 +29,7 @@ package (index files and their sha256, wheel sha256, tree digest, commit hash) a
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import tomllib
 from collections.abc import Callable, Mapping
@@ -198,6 +199,32 @@ class Matrix:
 
     def incompatible_for(self, cell: str, versions: Mapping[str, str | None]) -> Incompatible | None:
         return next((i for i in self.incompatible if i.applies(cell, versions)), None)
+
+
+def newest_cell(matrix: Matrix) -> CellSpec:
+    """The cell made of each axis's last value (by convention the newest: ``t5.x-platest`` in the default matrix)."""
+    last = {pkg: values[-1].id for pkg, _prefix, values in matrix.axes}
+    return next(c for c in matrix.cells() if c.axis_ids == last)
+
+
+def vary(matrix: Matrix, base: CellSpec, package: str, values: list[AxisValue]) -> Matrix:
+    """A matrix of the cells of ``base`` with ``package`` taking each of ``values``, every other axis fixed to the
+    base cell's value (same packages, pins and known entries). A package that is no axis (e.g. one of
+    ``[packages]``) becomes an axis whose prefix is its name."""
+    axes = []
+    for pkg, prefix, vals in matrix.axes:
+        if pkg == package:
+            axes.append((pkg, prefix, tuple(values)))
+        else:
+            axes.append((pkg, prefix, tuple(v for v in vals if v.id == base.axis_ids[pkg])))
+    packages = dict(matrix.packages)
+    if package not in base.axis_ids:
+        if package not in packages:
+            raise MatrixError(f"{matrix.path}: {package} is neither an axis nor in [packages] "
+                              f"(axes: {', '.join(base.axis_ids)}; packages: {', '.join(packages) or 'none'})")
+        packages.pop(package)
+        axes.append((package, package, tuple(values)))
+    return dataclasses.replace(matrix, axes=tuple(axes), packages=packages)
 
 
 def matrix_path(name_or_path: str | Path) -> Path:
