@@ -13,8 +13,8 @@ otherwise). A version is
   ``xfail`` through a known-broken entry);
 * ``good`` when every matching check passes (``pass``, ``finding``, ``xpass``);
 * ``skip`` when it cannot say: the cell cannot be installed or imported (``error``, declared ``skipped``), or no
-  matching check ran (not collected, skipped by the test). Like ``git bisect skip``, the search then tests the
-  untested version nearest to the middle instead.
+  matching check ran (not collected, skipped by the test). Like ``git bisect skip``, the search goes on with the
+  other untested versions (each step tests the median of those between the last good and the first bad).
 
 The endpoints are trusted while searching and tested only when the answer depends on them (the first bad version is
 ``--bad`` itself, or the last good one is ``--good``), so with n versions the search takes at most
@@ -121,8 +121,7 @@ def search(versions: list[str], test: Callable[[str], Outcome],
         open_ = [i for i in range(lo + 1, hi) if i not in skipped]
         if not open_:
             break
-        mid = (lo + hi) // 2
-        i = min(open_, key=lambda j: (abs(j - mid), j))
+        i = open_[(len(open_) - 1) // 2]  # the median untested version: skipped ones do not unbalance the halves
         log(f"{len(open_)} untested version(s) between {versions[lo]} (good) and {versions[hi]} (bad); "
             f"testing {versions[i]}")
         o = run(i)
@@ -164,9 +163,10 @@ def search(versions: list[str], test: Callable[[str], Outcome],
 def matches(check: dict[str, Any], pattern: str) -> bool:
     """A check record matches ``pattern`` by name or node id (globs allowed; a node id without ``[params]``
     matches every parametrization)."""
-    node = check.get("node_id") or ""
-    return (fnmatch.fnmatchcase(check.get("name", ""), pattern) or fnmatch.fnmatchcase(node, pattern)
-            or node.split("[", 1)[0] == pattern)
+    node, name = check.get("node_id") or "", check.get("name", "")
+    if pattern in (node, name, node.split("[", 1)[0]):  # exact first: `[...]` of a node id is a glob class
+        return True
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(node, pattern)
 
 
 def classify(rec: dict[str, Any], pattern: str) -> Outcome:

@@ -18,6 +18,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from packaging.utils import (
     InvalidSdistFilename,
@@ -138,7 +140,7 @@ def resolve_vcs_ref(url: str, ref: str) -> str:
     """The commit hash ``ref`` (branch, tag, HEAD, or a hash) names in the repository at ``url``."""
     if _SHA.match(ref):
         return ref
-    out = _git(["ls-remote", url, ref], f"git+{url}@{ref}")
+    out = _git(["ls-remote", url, ref, f"{ref}^{{}}"], f"git+{url}@{ref}")  # ^{}: an annotated tag's commit
     refs = {}
     for line in out.splitlines():
         sha, sep, name = line.partition("\t")
@@ -159,17 +161,26 @@ def resolve_vcs(package: str, vcs: str) -> tuple[str, dict[str, Any]]:
                                                 "version": None}
 
 
+def _requirement_path(requirement: str) -> Path | None:
+    """The local path of a ``name @ file://…`` requirement; None for anything else."""
+    _name, sep, url = requirement.partition(" @ ")
+    if not sep or not url.startswith("file:"):
+        return None
+    return Path(url2pathname(urlparse(url).path))
+
+
+def is_local_tree(requirement: str) -> bool:
+    p = _requirement_path(requirement)
+    return p is not None and p.is_dir()
+
+
 def requirement_digest(requirement: str) -> str | None:
     """Content digest of a ``name @ file://…`` requirement (file sha256 or tree digest); None for anything else.
 
     Cell venvs are cached by their requirement strings; a local file or tree can change under the same path."""
-    _name, sep, url = requirement.partition(" @ ")
-    if not sep or not url.startswith("file:"):
+    p = _requirement_path(requirement)
+    if p is None:
         return None
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
-    p = Path(url2pathname(urlparse(url).path))
     if p.is_dir():
         return tree_sha256(p)
     return file_sha256(p) if p.is_file() else None

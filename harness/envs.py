@@ -19,7 +19,7 @@ A uv-built venv has no pip of its own (``venv --without-pip`` saves seconds per 
 Package sources: both installers get the configured indexes and find-links locations as explicit options
 (``harness.index.IndexConfig.install_args``), the same ones version resolution asked. Requirements may be direct
 references (``name @ file:///…`` wheel, sdist or source tree, ``name @ git+URL@<commit>``); a local file's or tree's
-content digest is part of the venv's cache key, and uv is told to rebuild those packages instead of reusing its cache.
+content digest is part of the venv's cache key, and uv is told to rebuild a source tree instead of reusing its cache.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.direct import requirement_digest
+from harness.direct import is_local_tree, requirement_digest
 from harness.index import IndexConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,8 +197,8 @@ def _build(env: CellEnv, requirements: list[str], *, log: Path | None, envs_dir:
     if requirements and tool == "uv":
         excludes = envs_dir / f".{name}.excludes.txt"
         excludes.write_text("\n".join(sorted(base_distributions())) + "\n")
-        # uv caches a build of a local tree by its pyproject.toml/setup.py mtimes only: rebuild direct references
-        refresh = [a for r in requirements if " @ " in r for a in ("--refresh-package", r.split(" @ ")[0].strip())]
+        # uv caches the build of a local source tree by its pyproject.toml/setup.py mtimes only: rebuild trees
+        refresh = [a for r in requirements if is_local_tree(r) for a in ("--refresh-package", r.split(" @ ")[0])]
         _run([str(find_uv()), "pip", "install", "--quiet", "--python", str(tmp_env.python), "--excludes",
               str(excludes), *sources, *refresh, *requirements], log=log, timeout=timeout)
         excludes.unlink()

@@ -46,7 +46,7 @@ from harness.matrix import (
     resolve_value,
     vary,
 )
-from harness.runner import ROOT, Progress, RunOptions, host_info, run_cells
+from harness.runner import CELLS_ENVS_DIR, ROOT, Progress, RunOptions, host_info, run_cells
 
 REPORTS = ROOT / "reports"
 FAILURE_CHARS = 3000  # of a check's message + traceback tail in the report (a GitHub issue stays readable)
@@ -56,7 +56,7 @@ FAILURE_CHARS = 3000  # of a check's message + traceback tail in the report (a G
 
 def cell_options(args: argparse.Namespace, *, jobs: int) -> RunOptions:
     """RunOptions from the common flags (--tests, --pytest-args, --quick, --timeout)."""
-    return RunOptions(quick=args.quick, jobs=jobs, timeout_s=args.timeout,
+    return RunOptions(quick=args.quick, jobs=jobs, timeout_s=args.timeout, envs_dir=args.envs_dir,
                       pytest_args=tuple(shlex.split(args.pytest_args)),
                       tests=tuple(args.tests) if args.tests else None, host=host_info())
 
@@ -71,6 +71,7 @@ def add_cell_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="test-phase timeout per cell in seconds (default: the matrix's)")
     p.add_argument("--run-id")
     p.add_argument("--reports", type=Path, default=REPORTS, help="reports directory (default reports/)")
+    p.add_argument("--envs-dir", type=Path, default=CELLS_ENVS_DIR, help="cell venvs (default .envs/cells)")
 
 
 def base_cell(matrix: Matrix, cell_id: str | None) -> CellSpec:
@@ -348,8 +349,9 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 # ----------------------------------------------------------------------------------------------- command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--package", action="append", help="package(s) to check (comma separated or repeated); default: "
-                                                      "those named by --candidate, else every axis package")
+    p.add_argument("--package", action="append", help="package(s) to check against their newest pre-release (comma "
+                                                      "separated or repeated); default: every axis package unless "
+                                                      "--candidate names some")
     p.add_argument("--candidate", action="append", default=[],
                    help="PACKAGE=VALUE, VALUE one of: pre (newest pre-release, the default), a spec (==0.22.0rc1), "
                         "a wheel / sdist / source tree path, git+URL@ref; repeat for several candidates")
@@ -362,18 +364,15 @@ def main(args: argparse.Namespace) -> int:
     base = base_cell(matrix, args.cell)
     candidates = parse_candidates(args.candidate)
     axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes]
-    packages = [p for item in args.package or [] for p in item.replace(",", " ").split()] or list(candidates) \
-        or axis_pkgs
-    for pkg in candidates:
-        if pkg not in packages:
-            raise MatrixError(f"--candidate for {pkg} but --package names only {', '.join(packages)}")
+    named = [p for item in args.package or [] for p in item.replace(",", " ").split()]
+    packages = list(dict.fromkeys([*named, *candidates])) or axis_pkgs
     source = IndexSource(IndexConfig.from_environment())
     run_id = args.run_id or report.new_run_id(f"prerelease-{matrix.name}")
     run_dir = args.reports / "runs" / run_id
     print(f"prerelease: base cell {base.id} of matrix {matrix.name}; package index {', '.join(source.config.sources)}",
           flush=True)
     plans = plan(matrix, packages, candidates, source)
-    to_run: list[tuple[Matrix, CellSpec]] = []
+    batches: list[tuple[Matrix, list[CellSpec]]] = []  # one derived matrix per package
     cell_ids: dict[tuple[str, str], str] = {}
     for p in plans:
         for note in p.notes:
@@ -381,17 +380,16 @@ def main(args: argparse.Namespace) -> int:
         if p.release is None or not p.candidates:
             continue
         m = vary(matrix, base, p.package, [p.release, *(v for _label, v in p.candidates)])
-        for cell in m.cells():
+        batches.append((m, m.cells()))
+        for cell in batches[-1][1]:
             cell_ids[(p.package, cell.axis_ids[p.package])] = cell.id
-            to_run.append((m, cell))
         print(f"prerelease: {p.package}: release {p.release.id} vs " + "; ".join(lbl for lbl, _v in p.candidates),
               flush=True)
     opts = cell_options(args, jobs=args.jobs)
     started, t0 = datetime.now(UTC).isoformat(timespec="seconds"), time.monotonic()
     records: dict[str, dict[str, Any]] = {}
     progress = Progress()
-    for m in dict.fromkeys(m for m, _c in to_run):  # one run_cells per package (its own derived matrix)
-        cells = [c for mm, c in to_run if mm is m]
+    for m, cells in batches:
         for rec in run_cells(m, cells, source=source, run_dir=run_dir, opts=opts, progress=progress):
             records[rec["id"]] = rec
     meta = {"run_id": run_id, "matrix": matrix.name, "started": started,

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import html
 import re
+import sysconfig
 import zipfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -131,24 +132,41 @@ def broken_wheel(name: str, version: str, out_dir: Path, *, error: str = "synthe
 
 
 def write_index(root: Path, wheels: list[Path]) -> Path:
-    """A PEP 503 index ``root/simple/<project>/index.html`` linking to ``wheels`` (copied to ``root/files``), with
-    ``#sha256=`` fragments. Returns ``root/simple`` (use ``.as_uri()`` as the index URL)."""
-    files = root / "files"
-    files.mkdir(parents=True, exist_ok=True)
+    """A PEP 503 index ``root/simple/<project>/index.html`` linking (absolute ``file://`` URLs with ``#sha256=``) to
+    ``wheels`` where they lie. Returns ``root/simple`` (its ``.as_uri()`` is the index URL)."""
     projects: dict[str, list[Path]] = {}
     for w in wheels:
-        target = files / w.name
-        if target.resolve() != w.resolve():
-            target.write_bytes(w.read_bytes())
-        projects.setdefault(canonicalize_name(w.name.split("-")[0]), []).append(target)
+        projects.setdefault(canonicalize_name(w.name.split("-")[0]), []).append(w.resolve())
     simple = root / "simple"
     for project, paths in projects.items():
         d = simple / project
         d.mkdir(parents=True, exist_ok=True)
         links = "\n".join(
-            f'<a href="../../files/{html.escape(p.name)}#sha256={hashlib.sha256(p.read_bytes()).hexdigest()}">'
+            f'<a href="{html.escape(p.as_uri())}#sha256={hashlib.sha256(p.read_bytes()).hexdigest()}">'
             f"{html.escape(p.name)}</a><br/>" for p in sorted(paths))
         (d / "index.html").write_text(f"<!DOCTYPE html>\n<html><body>\n{links}\n</body></html>\n")
     (simple / "index.html").write_text("<!DOCTYPE html>\n<html><body>\n" + "\n".join(
         f'<a href="{p}/">{p}</a><br/>' for p in sorted(projects)) + "\n</body></html>\n")
     return simple
+
+
+def environment_wheels(out_dir: Path, *, skip: tuple[str, ...] = ("pip", "setuptools")) -> list[Path]:
+    """Every distribution of the running interpreter's own site-packages (the ``tests`` venv: transformers, PEFT,
+    accelerate and their dependencies; not the shared base) re-packed as a wheel into ``out_dir``."""
+    site = sysconfig.get_paths()["purelib"]
+    names = sorted({d.metadata["Name"] for d in metadata.distributions(path=[site]) if d.metadata["Name"]})
+    return [repack(n, out_dir, path=[site]) for n in names if canonicalize_name(n) not in skip]
+
+
+def isolated_index_env(monkeypatch, index_url: str, *, var: str = "PIP_INDEX_URL") -> None:
+    """Make ``index_url`` the only package source for the harness and both installers: no pip.conf or uv.toml, no
+    find-links or extra indexes from the machine, uv offline (a test must not reach the network)."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith(("PIP_", "UV_")) and key not in ("UV_CACHE_DIR",):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # pip then reads no configuration file at all
+    monkeypatch.setenv("UV_NO_CONFIG", "1")
+    monkeypatch.setenv("UV_OFFLINE", "1")
+    monkeypatch.setenv(var, index_url)
