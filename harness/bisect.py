@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import math
 import sys
 import time
@@ -50,6 +49,7 @@ from harness.prerelease import (
     failure_text,
     reproduce_command,
     source_text,
+    write_outputs,
 )
 from harness.runner import Progress, run_cells
 
@@ -135,20 +135,20 @@ def search(versions: list[str], test: Callable[[str], Outcome],
     def result(status: str, message: str, **kw: Any) -> tuple[Result, dict[str, Outcome]]:
         return Result(status, steps=steps, message=message, **kw), outcomes
 
-    if versions[hi] not in outcomes:  # the answer is the --bad version itself: it must really fail
-        o = run(hi)
-        if o.verdict == GOOD:
-            return result("bad_passes", f"the bad version {versions[hi]} passes the check (and so does "
-                                        f"{versions[lo]}): no regression in this range")
+    # The answer rests on an endpoint the search never ran (the first bad is --bad itself, the last good is --good):
+    # run it, and stop if it contradicts its mark or cannot be tested.
+    contradicted = {BAD: ("bad_passes", "the bad version {v} passes the check: no regression in this range"),
+                    GOOD: ("good_fails", "the good version {v} fails the check too: the regression is older than "
+                                         "this range")}
+    for i, want, role in ((hi, BAD, "bad"), (lo, GOOD, "good")):
+        if versions[i] in outcomes:
+            continue
+        o = run(i)
         if o.verdict == SKIP:
-            return result("bad_untestable", f"the bad version {versions[hi]} cannot be tested: {o.reason}")
-    if versions[lo] not in outcomes:  # the answer rests on the --good version: it must really pass
-        o = run(lo)
-        if o.verdict == BAD:
-            return result("good_fails", f"the good version {versions[lo]} fails the check too: the regression is "
-                                        f"older than this range")
-        if o.verdict == SKIP:
-            return result("good_untestable", f"the good version {versions[lo]} cannot be tested: {o.reason}")
+            return result(f"{role}_untestable", f"the {role} version {versions[i]} cannot be tested: {o.reason}")
+        if o.verdict != want:
+            status, text = contradicted[want]
+            return result(status, text.format(v=versions[i]))
     between = [versions[j] for j in range(lo + 1, hi)]
     if between:
         return result("ambiguous", f"only skipped versions left between {versions[lo]} (good) and {versions[hi]} "
@@ -277,10 +277,5 @@ def main(args: argparse.Namespace) -> int:
         rep["first_bad_source"] = source_text(bad.record, args.package)
         rep["last_good_source"] = source_text(good.record, args.package)
         rep["reproduce"] = reproduce_command(bad.record, bad.failures[0]["node_id"], opts.host)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "bisect.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    md = render_markdown(rep)
-    (run_dir / "bisect.md").write_text(md)
-    sys.stdout.write(md)
-    print(f"report: {run_dir / 'bisect.md'}\n        {run_dir / 'bisect.json'}")
+    write_outputs(run_dir, "bisect", rep, render_markdown(rep))
     return rep["exit_code"]

@@ -84,6 +84,15 @@ def failure_text(check: dict[str, Any], limit: int = FAILURE_CHARS) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
+def write_outputs(run_dir: Path, stem: str, rep: dict[str, Any], md: str) -> None:
+    """``run_dir/<stem>.json`` and ``.md``; the markdown also goes to stdout."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"{stem}.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    (run_dir / f"{stem}.md").write_text(md)
+    sys.stdout.write(md)
+    print(f"report: {run_dir / f'{stem}.md'}\n        {run_dir / f'{stem}.json'}", flush=True)
+
+
 def install_lines(rec: dict[str, Any], host: dict[str, Any]) -> list[str]:
     """Shell lines installing what the cell ran with: the shared base (torch, bitsandbytes) and the cell's packages
     (exact pins, or the direct reference of a path / VCS package)."""
@@ -407,9 +416,5 @@ def main(args: argparse.Namespace) -> int:
                                                 "cells": list(records), "index": meta["index"]})
         report.attach_gate(summary)
         report.write_report(summary, run_dir)
-    (run_dir / "prerelease.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    md = render_markdown(rep)
-    (run_dir / "prerelease.md").write_text(md)
-    sys.stdout.write(md)
-    print(f"report: {run_dir / 'prerelease.md'}\n        {run_dir / 'prerelease.json'}")
+    write_outputs(run_dir, "prerelease", rep, render_markdown(rep))
     return rep["exit_code"]
