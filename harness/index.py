@@ -226,6 +226,7 @@ def _uv_file_settings(env: dict[str, str], cwd: Path) -> dict[str, list[str]]:
 
 def _pip_settings(env: dict[str, str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(settings from PIP_* variables, settings from pip.conf files), both as reported by ``pip config list``."""
+    # The base venv has pip; a cell venv without its own (uv-built, e.g. .envs/tests) imports it through its .pth.
     cmd = [sys.executable, "-m", "pip", "config", "list"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)

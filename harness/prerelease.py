@@ -16,7 +16,8 @@ fixes; it goes to ``reports/runs/<run-id>/prerelease.md`` and ``prerelease.json`
 summary.md / index.html of the cells (summary.json carries each cell's resolved versions and exact sources).
 
 Exit code: 0 when no candidate regresses (including "no pre-release newer than the newest release"), 1 when a
-candidate regresses or a cell of the comparison errors, 2 for a bad invocation.
+candidate regresses (a check fails that passed on the release, a new check fails, or a check that ran on the release
+does not run on the candidate) or a cell of the comparison errors, 2 for a bad invocation or an unreachable index.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import Any
 from packaging.version import Version
 
 from harness import report
-from harness.index import IndexConfig, IndexSource
+from harness.index import PYPI, IndexConfig, IndexSource
 from harness.matrix import (
     AxisValue,
     CellSpec,
@@ -103,7 +105,7 @@ def install_lines(rec: dict[str, Any], host: dict[str, Any]) -> list[str]:
         lines.append(f"pip install 'torch=={torch.split('+')[0]}'"
                      + (" --index-url https://download.pytorch.org/whl/cpu" if cpu else ""))
     base = ["pytest", "hypothesis"] + ([f"bitsandbytes=={host['bitsandbytes']}"] if host.get("bitsandbytes") else [])
-    pins = []
+    pins, indexes = [], []
     for pkg, version in sorted(rec.get("resolved", {}).items()):
         src = rec.get("sources", {}).get(pkg, {})
         if src.get("kind") == "vcs":
@@ -112,7 +114,10 @@ def install_lines(rec: dict[str, Any], host: dict[str, Any]) -> list[str]:
             pins.append(src["path"])
         else:
             pins.append(f"{pkg}=={version}")
-    lines.append("pip install " + " ".join(shlex.quote(x) for x in base + pins))
+            if PYPI not in src.get("sources", [PYPI]):  # only on a mirror / local index: say which
+                indexes += [u for u in src["sources"][:1] if u not in indexes]
+    extra = [a for u in indexes for a in ("--extra-index-url", u)]
+    lines.append("pip install " + " ".join(shlex.quote(x) for x in base + pins + extra))
     return lines
 
 
@@ -252,10 +257,7 @@ def _cell_brief(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _counts(rec: dict[str, Any]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for k in rec.get("checks", []):
-        out[k["status"]] = out.get(k["status"], 0) + 1
-    return out
+    return dict(Counter(k["status"] for k in rec.get("checks", [])))
 
 
 def build_report(plans: list[Plan], records: dict[str, dict[str, Any]], cell_ids: dict[tuple[str, str], str],

@@ -136,7 +136,11 @@ def test_report_is_paste_ready(run):
                f"{peft.__version__}, fail on 0.99.0rc1")
     assert heading in md
     assert f"- **check**: `{node}`" in md and "AssertionError" in md
-    assert "'peft==0.99.0rc1'" in md and f"python -m pytest -p harness.pytest_plugin '{node}'" in md
+    install = next(ln for ln in rep["packages"][1]["candidates"][0]["regressions"][0]["reproduce"].splitlines()
+                   if "peft==" in ln)
+    assert " peft==0.99.0rc1 " in install and " transformers==5.24.0 " in install
+    assert install.endswith(f"--extra-index-url {rep['index']['index_url']}")       # not on PyPI: say where
+    assert f"python -m pytest -p harness.pytest_plugin '{node}'" in md
     assert f"sha256 {hashlib.sha256(local.read_bytes()).hexdigest()}" in md      # the local wheel, exactly
     assert "no pre-release of transformers is newer" in md
 
