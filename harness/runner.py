@@ -240,8 +240,8 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         stale.unlink(missing_ok=True)
     rec: dict[str, Any] = {
         "id": cell.id, "matrix": matrix.name, "specs": dict(cell.specs), "axis_ids": dict(cell.axis_ids),
-        "resolved": {}, "sources": {}, "status": "error", "message": "", "started": _now(), "finished": None, "duration_s": 0.0,
-        "phases": {}, "venv": None, "venv_bytes": None, "venv_reused": None, "freeze": [], "installed": {},
+        "resolved": {}, "sources": {}, "status": "error", "message": "", "started": _now(), "finished": None,
+        "duration_s": 0.0, "phases": {}, "venv": None, "venv_bytes": None, "venv_reused": None, "freeze": [], "installed": {},
         "checks": [], "known": [], "known_unused": [], "pytest_exit": None, "log": str(log), "log_tail": "",
         "host": opts.host,
     }
