@@ -222,7 +222,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
              f"without skips)", "", "| run | version | verdict | cell | time | reason |", "|---|---|---|---|---|---|"]
     for i, s in enumerate(rep["steps"], 1):
         lines.append(f"| {i} | {s['version']} | {s['verdict']} | `{s['cell']}` | {s['duration_s']:.0f}s | "
-                     f"{report._md_escape(s['reason'])} |")
+                     f"{report.md_escape(s['reason'])} |")
     if rep.get("first_bad"):
         lines += ["", f"## First bad: {rep['package']} {rep['first_bad']} (last good: {rep['last_good']})", "",
                   f"- **first bad**: {rep['first_bad_source']}", f"- **last good**: {rep['last_good_source']}"]

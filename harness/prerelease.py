@@ -27,7 +27,6 @@ import json
 import shlex
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 
 from packaging.version import Version
 
-from harness import report
+from harness import records, report
 from harness.index import PYPI, IndexConfig, IndexSource
 from harness.matrix import (
     AxisValue,
@@ -188,17 +187,17 @@ def candidate_value(package: str, value: str, versions: list[str], release: str,
                     + f" on {', '.join(source.config.sources)}")
         return f"{newest} (newest pre-release)", AxisValue(package, _short(str(newest)), f"=={newest}", pre=True)
     if value.startswith("git+"):
-        v = AxisValue(package, "", "", vcs=value)
+        v = AxisValue(package, "vcs", vcs=value)
         _req, src = resolve_value(v, source)
         return (f"{value} (commit {src['commit']})",
-                AxisValue(package, f"git-{src['commit'][:10]}", "", vcs=value))
+                AxisValue(package, f"git-{src['commit'][:10]}", vcs=value))
     looks_like_path = "/" in value or value.endswith((".whl", ".tar.gz", ".zip")) or Path(value).exists()
     if looks_like_path:
-        v = AxisValue(package, "", "", path=value)
+        v = AxisValue(package, "path", path=value)
         _req, src = resolve_value(v, source)
         digest = src.get("sha256") or src.get("tree_sha256")
         return (f"{value} ({src['kind']}, version {src.get('version') or 'from the installed package'})",
-                AxisValue(package, f"path-{digest[:10]}", "", path=value))
+                AxisValue(package, f"path-{digest[:10]}", path=value))
     got = resolve_spec(value, versions, pre=True)
     if got is None:
         return f"no version of {package} on the index matches {value!r}"
@@ -232,35 +231,31 @@ def plan(matrix: Matrix, packages: list[str], candidates: dict[str, list[str]], 
 # ----------------------------------------------------------------------------------------------- comparison
 
 def compare(release: dict[str, Any], candidate: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Checks of the candidate's cell against the release's (keys: node ids): ``regressions`` (pass/finding/xfail on
-    the release, fail on the candidate), ``stale_known`` (a known-broken entry now xpass), ``fixes``,
-    ``new_failures`` (checks only the candidate has, failing), ``missing`` (ran on the release, not on the
-    candidate)."""
+    """Checks of the candidate's cell against the release's (``harness.records.compare``, keys: node ids):
+    ``regressions`` (pass/finding/xfail on the release, fail on the candidate), ``stale_known`` (a known-broken entry
+    now xpass), ``fixes``, ``new_failures`` (checks only the candidate has, failing), ``missing`` (ran on the release,
+    absent on the candidate)."""
     same = "cell"
-    d = report.diff({"cells": [{**candidate, "id": same}]}, {"cells": [{**release, "id": same}]})
-    by_node = {k.get("node_id") or report.check_label(k): k for k in candidate.get("checks", [])}
-    regressions, stale = [], []
+    d = records.compare([{**candidate, "id": same}], [{**release, "id": same}])
+    by_node = {k.get("node_id") or records.check_label(k): k for k in candidate.get("checks", [])}
+    out: dict[str, list[dict[str, Any]]] = {"regressions": [], "stale_known": [], "missing": []}
     for item in d["regressions"]:
         if item["check"] == "(cell)":
             continue  # a candidate cell error is reported as such, with its cause
-        target = regressions if item["now"] == "fail" else stale
-        target.append({**item, "check_record": by_node.get(item["node_id"], {})})
-    return {"regressions": regressions, "stale_known": stale, "fixes": d["fixes"],
-            "new_failures": [{**i, "check_record": by_node.get(i["node_id"], {})} for i in d["new_failures"]],
-            "missing": d["removed"] if candidate["status"] in ("pass", "fail") else []}
+        bucket = {"fail": "regressions", records.ABSENT: "missing"}.get(item["now"], "stale_known")
+        out[bucket].append({**item, "check_record": by_node.get(item["node_id"], {})})
+    out["fixes"] = d["fixes"]
+    out["new_failures"] = [{**i, "check_record": by_node.get(i["node_id"], {})} for i in d["new_failures"]]
+    return out
 
 
 def _cell_brief(rec: dict[str, Any]) -> dict[str, Any]:
     return {"cell": rec["id"], "status": rec["status"], "message": rec.get("message", ""),
             "resolved": rec.get("resolved", {}), "sources": rec.get("sources", {}),
-            "counts": dict(sorted(_counts(rec).items()))}
+            "counts": dict(report.status_counts(rec))}
 
 
-def _counts(rec: dict[str, Any]) -> dict[str, int]:
-    return dict(Counter(k["status"] for k in rec.get("checks", [])))
-
-
-def build_report(plans: list[Plan], records: dict[str, dict[str, Any]], cell_ids: dict[tuple[str, str], str],
+def build_report(plans: list[Plan], cell_recs: dict[str, dict[str, Any]], cell_ids: dict[tuple[str, str], str],
                  *, base: CellSpec, host: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """prerelease.json: per package the release cell and, per candidate, its cell and the comparison."""
     out_pkgs, exit_code = [], 0
@@ -269,12 +264,12 @@ def build_report(plans: list[Plan], records: dict[str, dict[str, Any]], cell_ids
         out_pkgs.append(entry)
         if p.release is None:
             continue
-        rel = records.get(cell_ids.get((p.package, p.release.id), ""))
+        rel = cell_recs.get(cell_ids.get((p.package, p.release.id), ""))
         if rel is None:
             continue
         entry["release"] = _cell_brief(rel)
         for label, value in p.candidates:
-            cand = records[cell_ids[(p.package, value.id)]]
+            cand = cell_recs[cell_ids[(p.package, value.id)]]
             c: dict[str, Any] = {"label": label, **_cell_brief(cand), "version": cand.get("resolved", {}).get(
                 p.package), "source": source_text(cand, p.package)}
             if rel["status"] not in ("pass", "fail"):
@@ -354,7 +349,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{report.ICON.get(s, s)}{n}" for s, n in counts.items())
+    return " ".join(f"{report.ICON[s]}{n}" for s, n in counts.items())
 
 
 # ----------------------------------------------------------------------------------------------- command
@@ -398,24 +393,24 @@ def main(args: argparse.Namespace) -> int:
               flush=True)
     opts = cell_options(args, jobs=args.jobs)
     started, t0 = datetime.now(UTC).isoformat(timespec="seconds"), time.monotonic()
-    records: dict[str, dict[str, Any]] = {}
+    cell_recs: dict[str, dict[str, Any]] = {}
     progress = Progress()
     for m, cells in batches:
         for rec in run_cells(m, cells, source=source, run_dir=run_dir, opts=opts, progress=progress):
-            records[rec["id"]] = rec
+            cell_recs[rec["id"]] = rec
     meta = {"run_id": run_id, "matrix": matrix.name, "started": started,
             "finished": datetime.now(UTC).isoformat(timespec="seconds"), "wall_s": round(time.monotonic() - t0, 1),
             "tests": list(opts.tests or matrix.tests), "pytest_args": list(opts.pytest_args), "quick": opts.quick,
             "index": source.describe()}
-    rep = build_report(plans, records, cell_ids, base=base, host=opts.host, meta=meta)
+    rep = build_report(plans, cell_recs, cell_ids, base=base, host=opts.host, meta=meta)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if records:
-        summary = report.build_summary(list(records.values()), run_id=run_id, host=opts.host, started=started,
+    if cell_recs:
+        summary = report.build_summary(list(cell_recs.values()), run_id=run_id, host=opts.host, started=started,
                                        finished=meta["finished"], matrix={"name": matrix.name, "path": str(
                                            matrix.path), "description": f"prerelease comparison, base {base.id}",
                                            "tests": meta["tests"]},
                                        options={"quick": opts.quick, "jobs": opts.jobs, "wall_s": meta["wall_s"],
-                                                "cells": list(records), "index": meta["index"]})
+                                                "cells": list(cell_recs), "index": meta["index"]})
         report.attach_gate(summary)
         report.write_report(summary, run_dir)
     write_outputs(run_dir, "prerelease", rep, render_markdown(rep))

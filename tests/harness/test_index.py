@@ -16,7 +16,7 @@ import pytest
 
 from harness import direct, envs, index
 from harness.index import IndexConfig, IndexSource, IndexUnreachable
-from harness.matrix import AxisValue, CellSpec, MatrixError, load_matrix, resolve_cell
+from harness.matrix import AxisValue, CellSpec, load_matrix, resolve_cell
 from harness.runner import Progress, RunOptions, run_cells
 from tests.harness.wheelkit import broken_wheel, isolated_index_env, write_index
 
@@ -201,10 +201,9 @@ def test_every_cell_reports_the_dead_index(server, tmp_path):
 
 def test_resolve_cell_with_pre_and_direct_values(tmp_path):
     wheel = broken_wheel("other", "3.0.dev1", tmp_path)
-    values = {"demo": AxisValue("demo", "next", ">=2.0rc0", pre=True), "other": AxisValue("other", "w", "",
-                                                                                         path=str(wheel))}
-    table = {"demo": ["1.0", "2.0rc1", "2.0", "2.1rc2"], "other": []}
-    res = resolve_cell(CellSpec("c", {"demo": ">=2.0rc0", "other": "path"}, {}, values), lambda p: table[p])
+    values = {"demo": AxisValue("demo", "next", ">=2.0rc0", pre=True), "other": AxisValue("other", "w", path=str(wheel))}
+    table = {"demo": ["1.0", "2.0rc1", "2.0", "2.1rc2"]}
+    res = resolve_cell(CellSpec("c", {"demo": ">=2.0rc0"}, {}, values), lambda p: table[p])
     assert res.resolved == {"demo": "2.1rc2", "other": "3.0.dev1"}
     assert res.sources["demo"]["pre"] is True
     assert res.sources["other"] == {"kind": "wheel", "path": str(wheel.resolve()), "version": "3.0.dev1",
@@ -284,17 +283,18 @@ def test_vcs_refs_resolve_to_commits(tmp_path):
 
 
 def test_matrix_values_with_path_vcs_pre(write_matrix):
+    """The axis-value grammar reaches resolution: `pre` on the value, `path`/`vcs` as direct values (no spec)."""
     m = load_matrix(write_matrix('[[axis]]\npackage = "peft"\nprefix = "p"\nvalues = [\n'
                                  '  { id = "next", spec = ">=0.22.0rc0", pre = true },\n'
                                  '  { id = "local", path = "dist/peft.whl" },\n'
                                  '  { id = "main", vcs = "git+https://github.com/huggingface/peft@main" },\n]\n'))
     cells = {c.id: c for c in m.cells()}
-    assert cells["pnext"].values["peft"].pre and cells["plocal"].specs["peft"] == "path:dist/peft.whl"
-    assert cells["pmain"].values["peft"].vcs.endswith("@main")
-    for bad, msg in (('{ id = "x", spec = "", path = "a" }', "exactly one of"),
-                     ('{ id = "x", path = "a", pre = true }', "only with `spec`")):
-        with pytest.raises(MatrixError, match=msg):
-            load_matrix(write_matrix(f'[[axis]]\npackage = "peft"\nvalues = [{bad}]\n', name="bad.toml"))
+    assert cells["pnext"].axis_values["peft"].pre and cells["pnext"].specs["peft"] == ">=0.22.0rc0"
+    res = resolve_cell(cells["pnext"], lambda p: ["0.21.2", "0.22.0rc1"])
+    assert res.resolved == {"peft": "0.22.0rc1"}
+    with pytest.raises(direct.SourceError, match="dist/peft.whl"):   # resolved as a path, not looked up on an index
+        resolve_cell(cells["plocal"], lambda p: pytest.fail(f"index asked for {p}"))
+    assert "peft" not in cells["pmain"].specs and cells["pmain"].axis_values["peft"].vcs.endswith("@main")
 
 
 def test_isolated_env_reaches_only_the_local_index(tmp_path, monkeypatch):
