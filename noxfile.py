@@ -11,6 +11,11 @@ shares the base interpreter's torch through a .pth file and never installs one.
 * ``cell(<id>)``: one cell of the default matrix alone, e.g. ``nox -s "cell(t5.x-platest)"``; same options as
   ``matrix``. ``nox -l --json -t cell`` lists the cells as JSON (CI fans out one job per entry).
 * ``report``: merge per-cell records into one report: ``nox -s report -- DIR_OR_JSON... [--baseline PATH]``.
+* ``prerelease``: each axis package's newest pre-release (or ``-- --candidate peft=path/to.whl``,
+  ``--candidate transformers=git+https://github.com/huggingface/transformers@main``) against its newest release,
+  everything else as in the newest cell; regression report in ``reports/runs/<run-id>/prerelease.md``.
+* ``bisect``: ``-- --package transformers --good 5.0.0 --bad 5.25.0 --check <name or node id> [--cell ID]``: the
+  first release that fails the check (binary search, one cached cell venv per version).
 """
 
 from __future__ import annotations
@@ -69,6 +74,20 @@ def report(session: nox.Session) -> None:
     if not session.posargs:
         session.error("usage: nox -s report -- DIR_OR_CELL_JSON... [--out DIR] [--baseline summary.json]")
     session.run(sys.executable, "-m", "harness.cli", "merge", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none", default=False)
+def prerelease(session: nox.Session) -> None:
+    """Newest pre-release (or a wheel / VCS ref: `-- --candidate PKG=VALUE`) vs newest release: regression report."""
+    session.run(sys.executable, "-m", "harness.cli", "prerelease", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none", default=False)
+def bisect(session: nox.Session) -> None:
+    """`-- --package P --good V --bad V --check NAME`: the first release between good and bad that fails the check."""
+    if not session.posargs:
+        session.error("usage: nox -s bisect -- --package P --good V --bad V --check NAME_OR_NODE_ID [--cell ID]")
+    session.run(sys.executable, "-m", "harness.cli", "bisect", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none")

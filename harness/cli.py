@@ -6,6 +6,10 @@
     python -m harness.cli merge DIR_OR_CELL_JSON... [--out DIR] [--baseline summary.json] [--run-id ID]
                                 [--matrix NAME] [--summary-to FILE]     (e.g. --summary-to "$GITHUB_STEP_SUMMARY")
     python -m harness.cli list  [--matrix NAME] [--resolve]
+    python -m harness.cli prerelease [--package P] [--candidate P=pre|SPEC|PATH|git+URL@ref ...] [--cell ID] [...]
+    python -m harness.cli bisect --package P --good V --bad V --check NAME_OR_NODE_ID [--cell ID] [--pre] [...]
+
+(prerelease: harness/prerelease.py, bisect: harness/bisect.py; their exit codes are described there.)
 
 Exit codes: 0 gate passed; 1 gate failed (unexpected failure, error cell, nothing tested, or regression against the
 baseline: a check that vanished counts unless a [[retired]] entry of the matrix declares it);
@@ -27,8 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness import report
-from harness.matrix import CachedSource, MatrixError, ResolveError, load_matrix, pypi_versions, resolve_cell
+from harness import bisect, prerelease, report
+from harness.index import IndexConfig, IndexSource
+from harness.matrix import MatrixError, ResolveError, load_matrix, resolve_cell
 from harness.records import RecordError, id_problem
 from harness.runner import ROOT, Progress, RunOptions, host_info, run_cells
 
@@ -75,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--summary-to", type=Path, help="append summary.md to this file (e.g. $GITHUB_STEP_SUMMARY)")
     ls = sub.add_parser("list", help="list the cells of a matrix")
     ls.add_argument("--matrix", default="default")
-    ls.add_argument("--resolve", action="store_true", help="also resolve the specs against PyPI")
+    ls.add_argument("--resolve", action="store_true", help="also resolve the specs against the configured index")
+    prerelease.add_arguments(sub.add_parser("prerelease", help="candidate (newest pre-release, wheel, VCS ref) vs "
+                                                                "the newest release: regression report"))
+    bisect.add_arguments(sub.add_parser("bisect", help="first release between --good and --bad that fails a check"))
     return p
 
 
@@ -189,15 +197,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = _now()
     print(f"matrix {matrix.name}: {len(cells)} cell(s), {opts.jobs} in parallel -> {run_dir}", flush=True)
     t0 = time.monotonic()
-    records = run_cells(matrix, cells, source=CachedSource(pypi_versions), run_dir=run_dir, opts=opts,
-                        progress=Progress())
+    source = IndexSource(IndexConfig.from_environment())
+    print(f"package index: {', '.join(source.config.sources)}", flush=True)
+    records = run_cells(matrix, cells, source=source, run_dir=run_dir, opts=opts, progress=Progress())
     summary = report.build_summary(
         records, run_id=run_id, host=opts.host, started=started, finished=_now(),
         matrix={"name": matrix.name, "path": str(matrix.path), "description": matrix.description,
                 "tests": list(opts.tests or matrix.tests)},
         options={"quick": opts.quick, "jobs": opts.jobs, "cells": [c.id for c in cells],
                  "tests": list(opts.tests) if opts.tests else None, "pytest_args": list(opts.pytest_args),
-                 "allow_empty": args.allow_empty, "wall_s": round(time.monotonic() - t0, 1)})
+                 "allow_empty": args.allow_empty, "wall_s": round(time.monotonic() - t0, 1),
+                 "index": source.describe()})
     return _finish(summary, run_dir, baseline, args.baseline, latest, retired=matrix.retired,
                    allow_empty=args.allow_empty)
 
@@ -230,7 +240,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
-    source = CachedSource(pypi_versions)
+    source = IndexSource(IndexConfig.from_environment())
     for cell in matrix.cells():
         sources = {p: (f"path {v.path}" if v.path else f"vcs {v.vcs}" if v.vcs else None)
                    for p, v in cell.axis_values.items()}
@@ -250,10 +260,11 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.cmd == "run":
+    if args.cmd in ("run", "prerelease", "bisect"):
         signal.signal(signal.SIGTERM, _sigterm)
     try:
-        return {"run": cmd_run, "merge": cmd_merge, "list": cmd_list}[args.cmd](args)
+        return {"run": cmd_run, "merge": cmd_merge, "list": cmd_list, "prerelease": prerelease.main,
+                "bisect": bisect.main}[args.cmd](args)
     except (MatrixError, report.ReportError, ResolveError, UsageError, RecordError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

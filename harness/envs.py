@@ -14,6 +14,12 @@ with ``--excludes`` listing every distribution of the base site-packages (torch,
 are neither resolved nor installed, exactly as pip treats them (installed already). Unlike pip, uv would not
 upgrade a base package that a cell package needs newer, so after a uv install every requirement of the cell's
 packages on a base package is checked against the base version (``EnvError`` naming the conflict if one fails).
+A uv-built venv has no pip of its own (``venv --without-pip`` saves seconds per cell); its freeze is ``uv pip freeze``.
+
+Package sources: both installers get the configured indexes and find-links locations as explicit options
+(``harness.index.IndexConfig.install_args``), the same ones version resolution asked. Requirements may be direct
+references (``name @ file:///…`` wheel, sdist or source tree, ``name @ git+URL@<commit>``); a local file's or tree's
+content digest is part of the venv's cache key, and uv is told to rebuild a source tree instead of reusing its cache.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness.direct import is_local_tree, requirement_digest
+from harness.index import IndexConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS_DIR = ROOT / ".envs"
@@ -67,8 +76,11 @@ class CellEnv:
 
 
 def requirements_key(requirements: list[str]) -> str:
-    """Hash of the exact requirement pins plus the base site-packages path: a change rebuilds the venv."""
-    blob = json.dumps({"reqs": sorted(requirements), "base": str(base_site_packages())}, sort_keys=True)
+    """Hash of the exact requirement pins (with the content digest of local files and trees) plus the base
+    site-packages path: a change rebuilds the venv."""
+    digests = {r: d for r in requirements if (d := requirement_digest(r)) is not None}
+    blob = json.dumps({"reqs": sorted(requirements), "base": str(base_site_packages()), **(
+        {"local": digests} if digests else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -95,10 +107,11 @@ def base_distributions() -> dict[str, str]:
 
 
 def find_uv() -> Path | None:
-    """The uv binary next to the base interpreter (requirements/base.txt) or on PATH; None when absent."""
-    local = Path(sys.executable).parent / "uv"
-    if local.exists():
-        return local
+    """The uv binary next to the running interpreter or in the base venv (requirements/base.txt; also found from
+    inside a cell venv such as .envs/tests), else on PATH; None when absent."""
+    for local in (Path(sys.executable).parent / "uv", base_site_packages().parents[2] / "bin" / "uv"):
+        if local.exists():
+            return local
     found = shutil.which("uv")
     return Path(found) if found else None
 
@@ -148,9 +161,10 @@ def is_current(name: str, requirements: list[str], *, envs_dir: Path = ENVS_DIR)
 
 
 def ensure_env(name: str, requirements: list[str], *, log: Path | None = None, envs_dir: Path = ENVS_DIR,
-               timeout: float = 1800) -> CellEnv:
+               timeout: float = 1800, index: IndexConfig | None = None) -> CellEnv:
     """Create (or reuse, when the pins are unchanged) the venv ``envs_dir/name`` with ``requirements``.
 
+    ``index``: the package sources (default: ``IndexConfig.from_environment()``, what resolution reads too).
     ``timeout`` bounds each command (venv creation, pip install); on expiry ``subprocess.TimeoutExpired`` propagates.
     The venv is built in a temporary sibling directory and renamed into place, so an interrupted build
     never leaves a half-made venv that a later run would trust.
@@ -164,30 +178,35 @@ def ensure_env(name: str, requirements: list[str], *, log: Path | None = None, e
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_current(name, requirements, envs_dir=envs_dir):  # the other run built it meanwhile
             return env
-        return _build(env, requirements, log=log, envs_dir=envs_dir, timeout=timeout)
+        return _build(env, requirements, log=log, envs_dir=envs_dir, timeout=timeout, index=index)
 
 
-def _build(env: CellEnv, requirements: list[str], *, log: Path | None, envs_dir: Path, timeout: float) -> CellEnv:
+def _build(env: CellEnv, requirements: list[str], *, log: Path | None, envs_dir: Path, timeout: float,
+           index: IndexConfig | None) -> CellEnv:
     name = env.name
     key = requirements_key(requirements)
     stamp = env.path / ".moe-compat-key"
     tmp = envs_dir / f".{name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
-    _run([str(base_interpreter()), "-m", "venv", str(tmp)], log=log, timeout=timeout)
+    tool = installer()
+    _run([str(base_interpreter()), "-m", "venv", *(["--without-pip"] if tool == "uv" else []), str(tmp)], log=log,
+         timeout=timeout)
     tmp_env = CellEnv(name, tmp)
     (tmp_env.site_packages / PTH_NAME).write_text(str(base_site_packages()) + "\n")
-    tool = installer()
+    sources = (index or IndexConfig.from_environment()).install_args(tool) if requirements else []
     if requirements and tool == "uv":
         excludes = envs_dir / f".{name}.excludes.txt"
         excludes.write_text("\n".join(sorted(base_distributions())) + "\n")
+        # uv caches the build of a local source tree by its pyproject.toml/setup.py mtimes only: rebuild trees
+        refresh = [a for r in requirements if is_local_tree(r) for a in ("--refresh-package", r.split(" @ ")[0])]
         _run([str(find_uv()), "pip", "install", "--quiet", "--python", str(tmp_env.python), "--excludes",
-              str(excludes), *requirements], log=log, timeout=timeout)
+              str(excludes), *sources, *refresh, *requirements], log=log, timeout=timeout)
         excludes.unlink()
         check_base_requirements(tmp_env)
     elif requirements:
         # --no-compile: byte-compiling every module of transformers costs more CPU than the first import of the few used
         _run([str(tmp_env.python), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check",
-              *requirements],
+              *sources, *requirements],
              log=log, timeout=timeout)
     (tmp_env.path / ".moe-compat-installer").write_text(tool + "\n")
     _check_shared_torch(tmp_env)
@@ -207,7 +226,11 @@ def _check_shared_torch(env: CellEnv) -> None:
 
 
 def freeze(env: CellEnv) -> str:
-    """``pip freeze`` of the cell's own packages (the shared base is listed separately by the runner)."""
+    """``pip freeze`` of the cell's own packages (the shared base is listed separately by the runner); ``uv pip
+    freeze`` in a venv built by uv (it has no pip)."""
+    marker = env.path / ".moe-compat-installer"
+    if marker.exists() and marker.read_text().strip() == "uv" and find_uv() is not None:
+        return _run([str(find_uv()), "pip", "freeze", "--quiet", "--python", str(env.python)])
     return _run([str(env.python), "-m", "pip", "freeze", "--local", "--disable-pip-version-check"])
 
 

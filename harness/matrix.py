@@ -27,20 +27,20 @@ file and the key path, e.g. ``matrices/x.toml: axis[1].values[2].id: ...``)
 
 The top-level tables allowed are ``SECTIONS`` (one constant: add a new section there).
 
-A spec is a PEP 440 specifier set resolved to the newest final release on the index that satisfies it
-(``"==4.57.*"`` newest 4.57.x, ``"==5.0.0"`` exactly, ``""`` or ``"latest"`` newest release). A spec no release
-satisfies makes the cell ``unreleased``.
+A spec is a PEP 440 specifier set resolved to the newest final release on the configured index (``harness/index.py``)
+that satisfies it (``"==4.57.*"`` newest 4.57.x, ``"==5.0.0"`` exactly, ``""`` or ``"latest"`` newest release; with
+``pre = true`` the newest release or pre-release). A spec no release satisfies makes the cell ``unreleased``.
+``path`` and ``vcs`` values resolve through ``harness/direct.py``. The resolved version and the exact source of every
+package (index files and their sha256, wheel sha256, tree digest, commit hash) are recorded in the cell record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import json
 import math
 import re
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,8 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from harness import direct
+from harness.index import ResolveError, RunCache  # noqa: F401  (ResolveError: re-exported for runner and cli)
 from harness.records import id_problem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,10 +76,6 @@ _PREFIX = re.compile(r"[A-Za-z]+")
 
 class MatrixError(ValueError):
     """A matrix file is malformed; the message names the file and the offending entry."""
-
-
-class ResolveError(RuntimeError):
-    """The package index could not be asked (network, HTTP error); not the same as `unreleased`."""
 
 
 def _spec_set(spec: str, where: str) -> SpecifierSet:
@@ -234,6 +232,32 @@ class Matrix:
 
     def incompatible_for(self, cell: str, versions: Mapping[str, str | None]) -> Incompatible | None:
         return next((i for i in self.incompatible if i.applies(cell, versions)), None)
+
+
+def newest_cell(matrix: Matrix) -> CellSpec:
+    """The cell made of each axis's last value (by convention the newest: ``t5.x-platest`` in the default matrix)."""
+    last = {pkg: values[-1].id for pkg, _prefix, values in matrix.axes}
+    return next(c for c in matrix.cells() if c.axis_ids == last)
+
+
+def vary(matrix: Matrix, base: CellSpec, package: str, values: list[AxisValue]) -> Matrix:
+    """A matrix of the cells of ``base`` with ``package`` taking each of ``values``, every other axis fixed to the
+    base cell's value (same packages, pins and known entries). A package that is no axis (e.g. one of
+    ``[packages]``) becomes an axis whose prefix is its name."""
+    axes = []
+    for pkg, prefix, vals in matrix.axes:
+        if pkg == package:
+            axes.append((pkg, prefix, tuple(values)))
+        else:
+            axes.append((pkg, prefix, tuple(v for v in vals if v.id == base.axis_ids[pkg])))
+    packages = dict(matrix.packages)
+    if package not in base.axis_ids:
+        if package not in packages:
+            raise MatrixError(f"{matrix.path}: {package} is neither an axis nor in [packages] "
+                              f"(axes: {', '.join(base.axis_ids)}; packages: {', '.join(packages) or 'none'})")
+        packages.pop(package)
+        axes.append((package, package, tuple(values)))
+    return dataclasses.replace(matrix, axes=tuple(axes), packages=packages)
 
 
 def matrix_path(name_or_path: str | Path) -> Path:
@@ -527,8 +551,9 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
 
 # ----------------------------------------------------------------------------------------------- resolution
 
-def resolve_spec(spec: str, versions: list[str]) -> str | None:
-    """Newest final release in ``versions`` satisfying ``spec``; None when there is none (`unreleased`)."""
+def resolve_spec(spec: str, versions: list[str], *, pre: bool = False) -> str | None:
+    """Newest version in ``versions`` satisfying ``spec``: final releases only, or also pre/dev releases when
+    ``pre``; None when there is none (`unreleased`)."""
     ss = _spec_set(spec, "spec")
     good = []
     for v in versions:
@@ -536,60 +561,88 @@ def resolve_spec(spec: str, versions: list[str]) -> str | None:
             pv = Version(v)
         except InvalidVersion:
             continue
-        if pv.is_prerelease or pv.is_devrelease:
+        if (pv.is_prerelease or pv.is_devrelease) and not pre:
             continue
-        if ss.contains(pv):
+        if ss.contains(pv, prereleases=pre):
             good.append(pv)
     return str(max(good)) if good else None
 
 
-def pypi_versions(package: str, *, timeout: float = 30.0) -> list[str]:
-    """Release versions of ``package`` on PyPI that have at least one file not yanked (JSON API)."""
-    url = f"https://pypi.org/pypi/{package}/json"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - fixed https URL
-            data = json.load(resp)
-    except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
-        raise ResolveError(f"cannot list versions of {package} from {url}: {exc}") from exc
-    return [v for v, files in data.get("releases", {}).items() if files and not all(f.get("yanked") for f in files)]
+class CachedSource(RunCache):
+    """A version source asked once per package per run (answers and ResolveErrors memoized, thread-safe).
 
+    ``harness.index.IndexSource`` is the real one (it also tells where a version comes from); tests wrap a table.
+    """
 
-class CachedSource:
-    """Memoizes a version source for one run (one index query per package)."""
-
-    def __init__(self, source: VersionSource = pypi_versions):
+    def __init__(self, source: VersionSource):
+        super().__init__()
         self._source = source
-        self._cache: dict[str, list[str]] = {}
 
     def __call__(self, package: str) -> list[str]:
-        if package not in self._cache:
-            self._cache[package] = list(self._source(package))
-        return self._cache[package]
+        return self.memo(("versions", package), lambda: list(self._source(package)))
+
+    def provenance(self, package: str, version: str) -> dict[str, Any]:
+        return {"kind": "index", "version": version}
+
+
+def run_source(source: VersionSource) -> RunCache:
+    """``source`` as a per-run cache (IndexSource and CachedSource already are one)."""
+    return source if isinstance(source, RunCache) else CachedSource(source)
 
 
 @dataclass(frozen=True)
 class Resolution:
-    resolved: dict[str, str]
-    unreleased: dict[str, str]  # package -> message
+    resolved: dict[str, str]          # package -> version (direct references: when known before installing)
+    unreleased: dict[str, str]        # package -> message
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # package -> exact source (see harness/direct.py)
+    direct: dict[str, str] = field(default_factory=dict)  # package -> `name @ url` requirement (path / vcs values)
 
     @property
     def ok(self) -> bool:
         return not self.unreleased
 
     def requirements(self) -> list[str]:
-        return [f"{pkg}=={ver}" for pkg, ver in sorted(self.resolved.items())]
+        pins = [f"{pkg}=={ver}" for pkg, ver in sorted(self.resolved.items()) if pkg not in self.direct]
+        return pins + [req for _pkg, req in sorted(self.direct.items())]
+
+
+def resolve_value(value: AxisValue, source: VersionSource) -> tuple[str, dict[str, Any]]:
+    """(requirement, source record) of a ``path`` or ``vcs`` value, once per run for a given reference."""
+    memo = run_source(source).memo
+    if value.path is not None:
+        return memo(("path", value.package, value.path), lambda: direct.resolve_path(value.package, value.path))
+    if value.vcs is not None:
+        return memo(("vcs", value.package, value.vcs), lambda: direct.resolve_vcs(value.package, value.vcs))
+    raise ValueError(f"{value.package} {value.id}: not a path or vcs value")
 
 
 def resolve_cell(cell: CellSpec, source: VersionSource) -> Resolution:
-    """Resolve every spec of ``cell``; specs without a release are listed in ``unreleased`` with the newest one."""
-    resolved, unreleased = {}, {}
-    for pkg, spec in cell.specs.items():
-        versions = source(pkg)
-        got = resolve_spec(spec, versions)
+    """Resolve every package of ``cell``; specs without a release are listed in ``unreleased`` with the newest one.
+
+    Raises ResolveError (or a subclass: IndexUnreachable, SourceError) when an index, a path or a VCS reference cannot
+    be read; the runner turns it into the cell's `error`.
+    """
+    src = run_source(source)
+    resolved, unreleased, sources, direct_reqs = {}, {}, {}, {}
+    direct_values = {pkg: v for pkg, v in cell.axis_values.items() if v.path is not None or v.vcs is not None}
+    for pkg, value in direct_values.items():
+        req, record = resolve_value(value, src)
+        direct_reqs[pkg], sources[pkg] = req, record
+        if record.get("version"):
+            resolved[pkg] = record["version"]
+    for pkg, text in cell.specs.items():
+        if pkg in direct_values:
+            continue
+        value = cell.axis_values.get(pkg)
+        pre = value.pre if value is not None else False  # the spec text itself may come from a [[pin]]
+        versions = src(pkg)
+        got = resolve_spec(text, versions, pre=pre)
         if got is None:
-            newest = resolve_spec("", versions)
-            unreleased[pkg] = (f"no release of {pkg} matches {spec!r} (newest release: {newest})"
-                               if newest else f"no release of {pkg} on the index")
+            newest = resolve_spec("", versions, pre=pre)
+            kind = "release or pre-release" if pre else "release"
+            unreleased[pkg] = (f"no {kind} of {pkg} matches {text!r} (newest {kind}: {newest})"
+                               if newest else f"no {kind} of {pkg} on the index")
         else:
             resolved[pkg] = got
-    return Resolution(resolved, unreleased)
+            sources[pkg] = {**src.provenance(pkg, got), "pre": pre}
+    return Resolution(resolved, unreleased, sources, direct_reqs)

@@ -115,6 +115,7 @@ class Cell:
     specs: dict[str, Any] = field(default_factory=dict)
     axis_ids: dict[str, str] = field(default_factory=dict)
     resolved: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # package -> exact source (harness/direct.py)
     message: str = ""
     started: str | None = None
     finished: str | None = None

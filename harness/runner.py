@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from packaging.version import InvalidVersion, Version
 
 from harness import envs
-from harness.matrix import CellSpec, Matrix, ResolveError, VersionSource, resolve_cell
+from harness.matrix import CellSpec, Matrix, ResolveError, VersionSource, resolve_cell, run_source
 from harness.records import UNEXPECTED, RecordError, cell_record, cell_status, check_record, validate_check
 
 ROOT = envs.ROOT
@@ -289,13 +289,14 @@ def _phases(matrix: Matrix, cell: CellSpec, rec: dict[str, Any], finish: Callabl
         res = resolve_cell(cell, source)
     except ResolveError as exc:
         timed("resolve", t_start)
-        return finish("error", f"resolve failed: {exc}")
+        return finish("error", f"resolve failed ({type(exc).__name__}): {exc}")
     timed("resolve", t_start)
     rec["resolved"] = dict(res.resolved)
+    rec["sources"] = {pkg: dict(src) for pkg, src in res.sources.items()}
     if not res.ok:
         return finish("unreleased", "; ".join(res.unreleased.values()))
     axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes]
-    unpinned = [p for p in axis_pkgs if p not in res.resolved]
+    unpinned = [p for p in axis_pkgs if p not in res.resolved and p not in res.direct]  # direct: pinned by path/commit
     if unpinned:
         values = {p: cell.axis_values.get(p) for p in unpinned}
         return finish("error", f"axis package(s) {unpinned} were not resolved to a version (axis values: {values}); "
@@ -335,7 +336,7 @@ def _phases(matrix: Matrix, cell: CellSpec, rec: dict[str, Any], finish: Callabl
     env_vars.pop("MOE_COMPAT_RESULTS", None)
     env_vars.setdefault("HYPOTHESIS_PROFILE", "ci")
     env_vars.setdefault("OMP_NUM_THREADS", threads)
-    dists = sorted({*res.resolved, "torch", "bitsandbytes"})
+    dists = sorted({*res.resolved, *res.direct, "torch", "bitsandbytes"})
     # A probe result is cached in the venv: same pins, same base, same packages asked -> same answer.
     probe_key = json.dumps({"venv": envs.requirements_key(reqs), "dists": dists, "mods": axis_pkgs,
                             "env": opts.env}, sort_keys=True)
@@ -360,6 +361,9 @@ def _phases(matrix: Matrix, cell: CellSpec, rec: dict[str, Any], finish: Callabl
     rec["installed"] = probe["versions"]
     mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items()
                   if not same_version(probe["versions"].get(p), v)}
+    for pkg in res.direct:  # a source tree or VCS commit has its version only once installed
+        if pkg not in res.resolved and probe["versions"].get(pkg):
+            rec["resolved"][pkg] = rec["sources"][pkg]["version"] = probe["versions"][pkg]
     if mismatched:
         return finish("error", "installed versions differ from the resolved ones: "
                       + ", ".join(f"{p} resolved {a} installed {b}" for p, (a, b) in mismatched.items()))
@@ -449,6 +453,7 @@ def run_cells(matrix: Matrix, cells: list[CellSpec], *, source: VersionSource, r
               build_env: BuildEnv = envs.ensure_env, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Run ``cells`` with up to ``opts.jobs`` in parallel; records come back in matrix order."""
     progress = progress or Progress()
+    source = run_source(source)  # one index query per package for the whole run, shared by the cells
     with progress, ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
         futures = [pool.submit(run_cell, matrix, c, source=source, run_dir=run_dir, opts=opts,
                                build_env=build_env, progress=progress) for c in cells]
