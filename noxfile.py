@@ -11,6 +11,9 @@ shares the base interpreter's torch through a .pth file and never installs one.
 * ``cell(<id>)``: one cell of the default matrix alone, e.g. ``nox -s "cell(t5.x-platest)"``; same options as
   ``matrix``. ``nox -l --json -t cell`` lists the cells as JSON (CI fans out one job per entry).
 * ``report``: merge per-cell records into one report: ``nox -s report -- DIR_OR_JSON... [--baseline PATH]``.
+* ``subject``: the subject checks (tests/subjects) for one released version of another implementation, one cell per
+  PEFT version of ``matrices/subjects.toml``: ``nox -s subject -- unsloth_zoo==2026.10.9 [run options]``. The whole
+  subjects matrix: ``nox -s matrix -- --matrix subjects``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,14 @@ def report(session: nox.Session) -> None:
     if not session.posargs:
         session.error("usage: nox -s report -- DIR_OR_CELL_JSON... [--out DIR] [--baseline summary.json]")
     session.run(sys.executable, "-m", "harness.cli", "merge", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none", default=False)
+def subject(session: nox.Session) -> None:
+    """Subject checks of one release of another implementation: `-- unsloth_zoo==VERSION [harness.cli run options]`."""
+    if not session.posargs:
+        session.error("usage: nox -s subject -- NAME==VERSION [run options], e.g. unsloth_zoo==2026.10.9")
+    session.run(sys.executable, "-m", "harness.subjects.session", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none")

@@ -6,7 +6,9 @@ A matrix file has
   known entries are appended to the other file's);
 * ``[packages]``: packages installed in every cell, ``name = "<spec>"`` (resolved like the axes, e.g. accelerate);
 * ``[[axis]]``: ``package``, ``prefix`` (one letter of the cell id) and ``values = [{id, spec, note}]``; the cross
-  product of the axes gives the cells ``t<id>-p<id>``;
+  product of the axes gives the cells ``t<id>-p<id>``; ``kind = "subject"`` makes the axis a *subject* to check
+  (resolved like a package, never installed: its released wheel is fetched and the cell runs with
+  ``MOE_COMPAT_SUBJECT=<package>==<version>``, see harness/subjects/matrix_hook.py);
 * ``[[pin]]``: ``cells`` globs + ``packages = {name = spec}``: extra pins for some cells (never torch: torch is
   always the base venv's; a torch pin is an error);
 * ``[[known]]``: known-broken checks: ``cells`` (globs on cell ids) and/or ``when`` (PEP 440 specifiers on the
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MATRICES_DIR = ROOT / "matrices"
 
 VersionSource = Callable[[str], list[str]]
+AXIS_KINDS = ("package", "subject")  # `kind` of an [[axis]]: installed in the cell, or a subject to check
 
 
 class MatrixError(ValueError):
@@ -149,6 +152,7 @@ class Matrix:
     pins: tuple[tuple[tuple[str, ...], dict[str, str]], ...] = ()
     known: tuple[Known, ...] = ()
     incompatible: tuple[Incompatible, ...] = ()
+    subjects: frozenset[str] = frozenset()  # packages of `kind = "subject"` axes
     timeout_s: float = 1800.0
     install_timeout_s: float = 900.0
     pytest_args: tuple[str, ...] = ()
@@ -221,6 +225,7 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
     base = load_matrix(meta["extends"], (*_seen, path)) if "extends" in meta else None
 
     axes: dict[str, tuple[str, list[AxisValue]]] = {}
+    subjects = set(base.subjects) if base is not None else set()
     if base is not None:
         axes = {pkg: (prefix, list(values)) for pkg, prefix, values in base.axes}
     for i, ax in enumerate(data.get("axis", [])):
@@ -228,6 +233,11 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
         if "package" not in ax or "values" not in ax:
             raise MatrixError(f"{where}: needs `package` and `values`")
         pkg = ax["package"]
+        kind = ax.get("kind", "package")
+        if kind not in AXIS_KINDS:
+            raise MatrixError(f"{where}: kind must be one of {AXIS_KINDS}, got {kind!r}")
+        if kind == "subject":
+            subjects.add(pkg)
         prefix = ax.get("prefix", axes.get(pkg, (pkg[0], []))[0])
         values = axes.get(pkg, (prefix, []))[1]
         for j, v in enumerate(ax["values"]):
@@ -287,8 +297,8 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
         tests=tuple(pick("tests", ("tests",))),
         axes=tuple((pkg, prefix, tuple(values)) for pkg, (prefix, values) in axes.items()),
         packages=packages, pins=tuple(pins), known=tuple(known), incompatible=tuple(incompatible),
-        timeout_s=float(pick("timeout_s", 1800.0)), install_timeout_s=float(pick("install_timeout_s", 900.0)),
-        pytest_args=tuple(pick("pytest_args", ())),
+        subjects=frozenset(subjects), timeout_s=float(pick("timeout_s", 1800.0)),
+        install_timeout_s=float(pick("install_timeout_s", 900.0)), pytest_args=tuple(pick("pytest_args", ())),
     )
 
 

@@ -26,6 +26,8 @@ from typing import Any, TextIO
 
 from harness import envs
 from harness.matrix import CellSpec, Matrix, ResolveError, VersionSource, resolve_cell
+from harness.subjects import matrix_hook
+from harness.subjects.interface import SubjectLoadError
 
 ROOT = envs.ROOT
 CELLS_ENVS_DIR = envs.ENVS_DIR / "cells"
@@ -260,8 +262,8 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     if not res.ok:
         return finish("unreleased", "; ".join(res.unreleased.values()))
 
-    # -- install
-    reqs = res.requirements()
+    # -- install (a `kind = "subject"` axis is not installed: its wheel is fetched, the tests get MOE_COMPAT_SUBJECT)
+    reqs, subjects = matrix_hook.split(matrix.subjects, res.resolved)
     reused = envs.is_current(cell.id, reqs, envs_dir=opts.envs_dir)
     progress.phase(cell.id, "install", "reusing cached venv" if reused else " ".join(reqs))
     ts = time.monotonic()
@@ -274,6 +276,11 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     except subprocess.TimeoutExpired as exc:
         timed("install", ts)
         return finish("error", f"install timed out after {install_timeout:.0f}s: {' '.join(map(str, exc.cmd))}")
+    try:
+        subject_env = matrix_hook.prepare(subjects)
+    except SubjectLoadError as exc:
+        timed("install", ts)
+        return finish("error", f"subject fetch failed: {exc}")
     timed("install", ts)
     rec["venv"], rec["venv_reused"] = str(env.path), reused
     marker = env.path / ".moe-compat-installer"
@@ -290,12 +297,12 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     threads = str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))
     env_vars = {**os.environ, "MOE_COMPAT_CELL": cell.id, "MOE_COMPAT_MATRIX": str(matrix.path),
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONFAULTHANDLER": "1", **opts.env}
+                "PYTHONFAULTHANDLER": "1", **subject_env, **opts.env}
     env_vars.pop("MOE_COMPAT_RESULTS", None)
     env_vars.setdefault("HYPOTHESIS_PROFILE", "ci")
     env_vars.setdefault("OMP_NUM_THREADS", threads)
-    axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes]
-    dists = sorted({*res.resolved, "torch", "bitsandbytes"})
+    axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes if pkg not in subjects]
+    dists = sorted({*res.resolved, "torch", "bitsandbytes"} - set(subjects))
     # A probe result is cached in the venv: same pins, same base, same packages asked -> same answer.
     probe_key = json.dumps({"venv": envs.requirements_key(reqs), "dists": dists, "mods": axis_pkgs,
                             "env": opts.env}, sort_keys=True)
@@ -318,8 +325,9 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
             return finish("error", f"import probe died (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
         probe = json.loads(line[len("MOE_PROBE "):])
         probe_file.write_text(json.dumps({"key": probe_key, "probe": probe}))
-    rec["installed"] = probe["versions"]
-    mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items() if probe["versions"].get(p) != v}
+    rec["installed"] = {**probe["versions"], **subjects}
+    mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items()
+                  if p not in subjects and probe["versions"].get(p) != v}  # fmt: skip
     if mismatched:
         return finish("error", "installed versions differ from the resolved ones: "
                       + ", ".join(f"{p} resolved {a} installed {b}" for p, (a, b) in mismatched.items()))

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from harness.subjects.interface import (
+    ForwardCall,
     FP8Call,
     FP8RequantCall,
-    ForwardCall,
     FusedMergeCall,
     LoraInput,
     MergeResult,

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from reference.layout import Orientation
+
+if TYPE_CHECKING:  # annotations only: the matrix runner imports this module and should not pay for torch
+    import torch
 
 
 class Op(StrEnum):

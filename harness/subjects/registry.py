@@ -55,6 +55,16 @@ def _loader(name: str) -> Callable[[str | None], Subject]:
     return getattr(importlib.import_module(module), func)
 
 
+def prefetch(spec: SubjectSpec) -> None:
+    """Download what ``load`` will need (the adapter module's ``fetch(version)``, if it has one) without importing the
+    subject: the matrix runner calls this in a cell's install phase, outside the cell's interpreter."""
+    target = ADAPTERS.get(spec.name, spec.name)
+    module = importlib.import_module(target.partition(":")[0])
+    fetch = getattr(module, "fetch", None)
+    if fetch is not None:
+        fetch(spec.version)
+
+
 _LOADED: dict[str, Subject] = {}
 
 

@@ -43,9 +43,9 @@ import torch
 
 from harness.subjects import wheel
 from harness.subjects.interface import (
+    ForwardCall,
     FP8Call,
     FP8RequantCall,
-    ForwardCall,
     FusedMergeCall,
     LoraInput,
     MergeResult,
@@ -407,10 +407,17 @@ class UnslothZoo(Subject):
         return out
 
 
-def load(version: str) -> UnslothZoo:
-    """Fetch (cached), unpack and import unsloth_zoo ``version``."""
+def fetch(version: str | None):
+    """The unpacked wheel of unsloth_zoo ``version`` (downloaded into the subject cache once)."""
     from packaging.version import Version
 
+    if version is None:
+        raise SubjectLoadError(f"{DIST} needs an exact version: {DIST}==VERSION")
     if Version(version) < Version(FIRST_MOE_RELEASE):
         raise SubjectLoadError(f"{DIST} {version} predates its MoE code (first in {FIRST_MOE_RELEASE})")
-    return UnslothZoo(version, wheel.fetch(DIST, version))
+    return wheel.fetch(DIST, version)
+
+
+def load(version: str | None) -> UnslothZoo:
+    """Fetch (cached), unpack and import unsloth_zoo ``version``."""
+    return UnslothZoo(version, fetch(version))

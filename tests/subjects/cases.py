@@ -23,9 +23,9 @@ import torch
 
 from harness.subjects.interface import (
     Context,
+    ForwardCall,
     FP8Call,
     FP8RequantCall,
-    ForwardCall,
     FusedMergeCall,
     LoraInput,
     NF4Call,

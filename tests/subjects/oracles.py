@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from harness.subjects.interface import (
+    ForwardCall,
     FP8Call,
     FP8RequantCall,
-    ForwardCall,
     FusedMergeCall,
     LoraInput,
     NF4Call,
