@@ -191,8 +191,22 @@ def _shown(case: Case, want, got) -> str:
 
 # --- run -----------------------------------------------------------------------------------------------------------
 
+RESULTS: dict[tuple[int, str], Verdict] = {}  # (id(subject), case check name) -> verdict, filled by `run_case`
+
+
+def cached(subject: Subject, case: Case) -> Verdict:
+    """The verdict of an earlier `run_case` on the same subject object in this process, else a new run."""
+    return RESULTS.get((id(subject), case.check_name)) or run_case(subject, case)
+
+
 
 def run_case(subject: Subject, case: Case) -> Verdict:
+    v = _run_case(subject, case)
+    RESULTS[(id(subject), case.check_name)] = v
+    return v
+
+
+def _run_case(subject: Subject, case: Case) -> Verdict:
     if case.op not in subject.ops:
         return Verdict("skip", f"{subject.name} does not implement {case.op.value}: "
                                f"{subject.missing.get(case.op, 'not declared by its adapter')}")  # fmt: skip
