@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 
 from harness.subjects import registry  # noqa: E402
 from harness.subjects.impl_subject import ImplSubject  # noqa: E402
-from harness.subjects.interface import FP8Call, ForwardCall, Op  # noqa: E402
+from harness.subjects.interface import ForwardCall, FP8Call, Op  # noqa: E402
 from tests.subjects.cases import all_cases  # noqa: E402
 from tests.subjects.verdict import cached, run_case  # noqa: E402
 
