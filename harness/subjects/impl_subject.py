@@ -38,6 +38,7 @@ from harness.subjects.interface import (
     SubjectRefusal,
 )
 from reference.layout import Orientation
+from reference.lora import STRIDE_E
 
 UE8M0 = getattr(torch, "float8_e8m0fnu", None)
 
@@ -93,6 +94,8 @@ class ImplSubject(Subject):
         base, adapter = tmp / "base", tmp / "adapter"
         self._write_base(base, tensors, lora)
         lora.peft.model.save_pretrained(str(adapter))
+        if lora.context.lora_B_convention != STRIDE_E:  # impl.merge's sidecar short form names the packing
+            (adapter / "moe_compat.json").write_text(json.dumps({"lora_B_convention": lora.context.lora_B_convention}))
         return base, adapter
 
     def _merge(self, tensors: dict[str, torch.Tensor], lora: LoraInput) -> tuple[dict[str, torch.Tensor], int]:
@@ -141,7 +144,6 @@ class ImplSubject(Subject):
     def lora_forward(self, call: ForwardCall) -> torch.Tensor:
         from impl.forward import LoraSpec, lora_delta
         from impl.peft_integration import wrapper_orientation
-        from reference.lora import STRIDE_E
 
         lora = call.lora
         wrapper = lora.peft.wrappers[f"{lora.context.param}_proj"]
@@ -150,11 +152,12 @@ class ImplSubject(Subject):
         except _refusals() as exc:
             raise SubjectRefusal(f"{type(exc).__name__}: {exc}") from exc
         counts = torch.bincount(call.expert_ids, minlength=lora.num_experts).tolist()
-        spec = LoraSpec(lora.lora_A, lora.lora_B, lora.scaling, o.value, STRIDE_E)
+        spec = LoraSpec(lora.lora_A, lora.lora_B, lora.scaling, o.value, lora.context.lora_B_convention)
         self.record(
             "from impl.forward import LoraSpec, lora_delta\nfrom impl.peft_integration import wrapper_orientation\n"
             f"o = wrapper_orientation(wrapper, 'default')  # {o.value}\n"
-            f"lora_delta(x, [LoraSpec(lora_A, lora_B, {lora.scaling}, o.value, 'stride_e')], {counts}, "
+            f"lora_delta(x, [LoraSpec(lora_A, lora_B, {lora.scaling}, o.value, {lora.context.lora_B_convention!r})], "
+            f"{counts}, "
             f"{lora.num_experts}, {lora.context.layout!r})",
             lora_A=lora.lora_A, lora_B=lora.lora_B, x=call.x,
         )  # fmt: skip

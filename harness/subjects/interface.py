@@ -64,6 +64,8 @@ class Context:
     peft_version / transformers_version: installed when the adapter was built.
     did_swap: ``_did_swap_in_out_features`` of the wrapper that owns the adapter (None: the attribute is absent, PEFT
     < 0.19). is_transposed: the experts module's attribute (None: absent).
+    lora_B_convention: how lora_B's columns are packed per expert: ``stride_e`` (PEFT's; every adapter PEFT trains)
+    or ``contiguous_r`` (adapters trained by unsloth-zoo before 2026.9.6); `reference.lora` names both.
     """
 
     family: str | None = None
@@ -76,10 +78,11 @@ class Context:
     transformers_version: str | None = None
     did_swap: bool | None = None
     is_transposed: bool | None = None
+    lora_B_convention: str = "stride_e"
 
     def describe(self) -> str:
         keys = ("family", "layout", "param", "param_shape", "sibling_shape", "disk_format", "peft_version",
-                "transformers_version", "did_swap", "is_transposed")  # fmt: skip
+                "transformers_version", "did_swap", "is_transposed", "lora_B_convention")  # fmt: skip
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in keys if getattr(self, k) is not None)
 
 

@@ -36,6 +36,7 @@ these stubs do not run) and the FP8 save handler's shard I/O.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -60,6 +61,7 @@ from harness.subjects.interface import (
 from reference.layout import Orientation
 
 DIST = "unsloth_zoo"
+LAYOUT_ENV = "UNSLOTH_MOE_LORA_B_LAYOUT"  # from 2026.9.6: grouped_by_expert reads a legacy contiguous-r adapter
 FIRST_MOE_RELEASE = "2026.6.2"  # the MoE / NF4 / FP8 / ParamWrapper code first ships here; 2026.6.1 has none
 MODULES = (
     "unsloth_zoo.saving_utils",
@@ -170,6 +172,27 @@ class UnslothZoo(Subject):
             return "None"
         return f"{type(m).__name__} (_did_swap_in_out_features={getattr(m, '_did_swap_in_out_features', 'absent')})"
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _lora_b_layout(lora: LoraInput):
+        """``UNSLOTH_MOE_LORA_B_LAYOUT=grouped_by_expert`` (read on every call from 2026.9.6; ignored before, when
+        contiguous-r was the only reading) for a contiguous-r adapter, unset for a PEFT (stride-E) one."""
+        old = os.environ.pop(LAYOUT_ENV, None)
+        if lora.context.lora_B_convention == "contiguous_r":
+            os.environ[LAYOUT_ENV] = "grouped_by_expert"
+        try:
+            yield
+        finally:
+            os.environ.pop(LAYOUT_ENV, None)
+            if old is not None:
+                os.environ[LAYOUT_ENV] = old
+
+    @staticmethod
+    def _layout_note(lora: LoraInput) -> str:
+        if lora.context.lora_B_convention == "contiguous_r":
+            return f"import os; os.environ['{LAYOUT_ENV}'] = 'grouped_by_expert'  # a contiguous-r adapter\n"
+        return ""
+
     # --- ops ----------------------------------------------------------------------------------------------------
 
     def orientation(self, lora: LoraInput) -> Orientation:
@@ -184,7 +207,8 @@ class UnslothZoo(Subject):
             f"_detect_moe_lora_layout(lora_A, lora_B, {lora.num_experts}, {d1}, {d2}, "
             f"lora_module={self._module_repr(st)})\n"
             f"# lora_module: create_lora_statistics(model)[{key!r}].module = {self._module_note(st)}\n"
-            f"# returned ({layout!r}, {r}); 'standard' = lora_A spans in_dim",
+            f"# returned ({layout!r}, {r}); unsloth's 'standard' = lora_A spans the per-expert in_dim = the "
+            "reference's 'swapped' (PEFT _did_swap_in_out_features=True)",
             lora_A=st.lora_A, lora_B=st.lora_B,
         )  # fmt: skip
         if layout not in _UNSLOTH_LAYOUT:
@@ -204,7 +228,8 @@ class UnslothZoo(Subject):
         lora = call.lora
         ctx = lora.context
         wrapper = lora.peft.wrappers[f"{ctx.param}_proj"]
-        res = self.mu._extract_lora_from_wrapper(wrapper)
+        with self._lora_b_layout(lora):
+            res = self.mu._extract_lora_from_wrapper(wrapper)
         base = wrapper.get_base_layer()
         grouped = bool(getattr(base, "_unsloth_grouped_mm_format", False))
         shape = ctx.param_shape
@@ -214,14 +239,15 @@ class UnslothZoo(Subject):
             is_transposed=getattr(base, "is_transposed", None), _unsloth_grouped_mm_format=grouped))  # fmt: skip
         if flag is not None:
             stand_in._did_swap_in_out_features = flag
-        alone = self.mu.extract_moe_lora_weights_for_grouped_mm(stand_in, lora.lora_A, lora.lora_B, lora.scaling,
-                                                                lora.num_experts, input_dim=in_dim,
-                                                                output_dim=out_dim)  # fmt: skip
+        with self._lora_b_layout(lora):
+            alone = self.mu.extract_moe_lora_weights_for_grouped_mm(stand_in, lora.lora_A, lora.lora_B,
+                                                                    lora.scaling, lora.num_experts, input_dim=in_dim,
+                                                                    output_dim=out_dim)  # fmt: skip
         same = res is not None and all(torch.equal(a.detach(), b.detach()) for a, b in zip(res[:2], alone[:2]))
         flag_src = "" if flag is None else f", _did_swap_in_out_features={flag}"
         self.record(
             "import types\nfrom unsloth_zoo.temporary_patches.moe_utils import extract_moe_lora_weights_for_grouped_mm\n"
-            f"wrapper = types.SimpleNamespace(get_base_layer=lambda: types.SimpleNamespace(is_transposed="
+            + self._layout_note(lora) + f"wrapper = types.SimpleNamespace(get_base_layer=lambda: types.SimpleNamespace(is_transposed="
             f"{getattr(base, 'is_transposed', None)}, _unsloth_grouped_mm_format={grouped}){flag_src})\n"
             f"first, second, s, E = extract_moe_lora_weights_for_grouped_mm(wrapper, lora_A, lora_B, {lora.scaling}, "
             f"{lora.num_experts}, input_dim={in_dim}, output_dim={out_dim})\n"
@@ -252,22 +278,15 @@ class UnslothZoo(Subject):
         key = {n: f"{call.prefix}experts.{{e}}.{n}_proj.weight" for n in ("gate", "up", "down")}
         stats = {p: self._stats(lo) for p, lo in call.adapters.items()}
         E = call.num_experts
-        for e in range(E):
-            if "gate_up" in stats:
-                st = stats["gate_up"][1]
-                for n, fn in (("gate", self.su._merge_moe_gate_expert), ("up", self.su._merge_moe_up_expert)):
-                    k = key[n].format(e=e)
-                    out[k] = fn(out[k], st, e, E, out[k].dtype)
-            if "down" in stats:
-                k = key["down"].format(e=e)
-                out[k] = self.su._merge_moe_down_proj_expert(out[k], stats["down"][1], e, E, out[k].dtype)
+        with self._lora_b_layout(next(iter(call.adapters.values()))):
+            self._merge_experts(call, out, key, stats)
         I, H = call.tensors[key["gate"].format(e=0)].shape
         applied, refused, reasons = self._merge_state()
         calls = {"gate_up": [("gate", (I, H)), ("up", (I, H))], "down": [("down", (H, I))]}
         for p, (k, st) in stats.items():
             lines = [
-                "import types\nfrom unsloth_zoo import saving_utils as su",
-                f"stats = su.LoraStats({self._module_repr(st)}, lora_A, lora_B, {st.alpha})  # module: "
+                "import types\nfrom unsloth_zoo import saving_utils as su\n" + self._layout_note(call.adapters[p])
+                + f"stats = su.LoraStats({self._module_repr(st)}, lora_A, lora_B, {st.alpha})  # module: "
                 f"create_lora_statistics(model)[{k!r}].module = {self._module_note(st)}",
                 "e = 0  # any expert; a zero base makes the result the merged delta",
             ]  # fmt: skip
@@ -281,6 +300,18 @@ class UnslothZoo(Subject):
             raise SubjectRefusal(f"{refused} fallback(s): {reasons}")
         return MergeResult(out, applied, refused, reasons)
 
+    def _merge_experts(self, call: PerExpertMergeCall, out: dict, key: dict, stats: dict) -> None:
+        E = call.num_experts
+        for e in range(E):
+            if "gate_up" in stats:
+                st = stats["gate_up"][1]
+                for n, fn in (("gate", self.su._merge_moe_gate_expert), ("up", self.su._merge_moe_up_expert)):
+                    k = key[n].format(e=e)
+                    out[k] = fn(out[k], st, e, E, out[k].dtype)
+            if "down" in stats:
+                k = key["down"].format(e=e)
+                out[k] = self.su._merge_moe_down_proj_expert(out[k], stats["down"][1], e, E, out[k].dtype)
+
     def merge_fused(self, call: FusedMergeCall) -> MergeResult:
         """``_merge_moe_fused_{gate_up,down_proj}_expert(W, stats, W.dtype, is_transposed=hint)``, the hint computed as
         ``_merge_moe_experts_file`` does: ``gate_up.shape[2] > gate_up.shape[1]`` of the shard's gate_up entry."""
@@ -290,11 +321,12 @@ class UnslothZoo(Subject):
         gate_up = call.param if lora.context.param == "gate_up" else call.sibling
         hint = gate_up.shape[2] > gate_up.shape[1]
         fn = {"gate_up": self.su._merge_moe_fused_gate_up_expert, "down": self.su._merge_moe_fused_down_proj_expert}
-        merged = fn[lora.context.param](call.param, st, call.param.dtype, is_transposed=hint)
+        with self._lora_b_layout(lora):
+            merged = fn[lora.context.param](call.param, st, call.param.dtype, is_transposed=hint)
         applied, refused, reasons = self._merge_state()
         self.record(
-            f"from unsloth_zoo import saving_utils as su\n"
-            f"stats = su.LoraStats(None, lora_A, lora_B, {st.alpha})  # module unused by the fused merge\n"
+            "from unsloth_zoo import saving_utils as su\n" + self._layout_note(lora)
+            + f"stats = su.LoraStats(None, lora_A, lora_B, {st.alpha})  # module unused by the fused merge\n"
             f"W = torch.zeros({tuple(call.param.shape)})  # the fused {lora.context.param}_proj on disk\n"
             f"su.{fn[lora.context.param].__name__}(W, stats, torch.float32, is_transposed={hint})  # hint: gate_up "
             f"{tuple(gate_up.shape)}: shape[2] > shape[1]\n"

@@ -36,6 +36,7 @@ from harness.subjects.interface import (
 )
 from reference.fp8 import UE8M0_DTYPE
 from reference.layout import FUSED_LINEAR, GPT_OSS
+from reference.lora import CONTIGUOUS_R, STRIDE_E
 
 MODULE_PATH = "model.layers.0.mlp.experts"
 PREFIX = "model.layers.0.mlp."
@@ -143,11 +144,18 @@ def peft_objects(family: str, shape: str) -> PeftObjects:
     return PeftObjects(model, experts, wrappers, MODULE_PATH)
 
 
-def lora_input(objs: PeftObjects, family: str, param: str) -> LoraInput:
+def lora_input(objs: PeftObjects, family: str, param: str, convention: str = STRIDE_E) -> LoraInput:
+    """The adapter of ``param``; with ``convention=CONTIGUOUS_R`` its lora_B is re-packed in place (the wrapper then
+    holds what an adapter trained by unsloth-zoo < 2026.9.6 holds: the same ΔW, other column order)."""
     import peft
     import transformers
 
     w = objs.wrappers[f"{param}_proj"]
+    if convention != STRIDE_E:
+        A, B = w.lora_A["default"].weight.detach(), w.lora_B["default"].weight.detach()
+        _, B2 = expert_factors_to(A, B, int(w.num_experts), convention)
+        with torch.no_grad():
+            w.lora_B["default"].weight.copy_(B2)
     other = "down" if param == "gate_up" else "gate_up"
     ctx = Context(
         family=family,
@@ -159,9 +167,18 @@ def lora_input(objs: PeftObjects, family: str, param: str) -> LoraInput:
         transformers_version=transformers.__version__,
         did_swap=getattr(w, "_did_swap_in_out_features", None),
         is_transposed=getattr(objs.experts, "is_transposed", None),
+        lora_B_convention=convention,
     )
     return LoraInput(w.lora_A["default"].weight.detach(), w.lora_B["default"].weight.detach(),
                      float(w.scaling["default"]), int(w.num_experts), ctx, objs)  # fmt: skip
+
+
+def expert_factors_to(A: torch.Tensor, B: torch.Tensor, E: int, convention: str):
+    """``(lora_A, lora_B)`` with lora_B's columns re-packed from stride-E into ``convention`` (same ΔW)."""
+    from reference.lora import expert_factors, pack_factors
+
+    Ae, Be = expert_factors(A, B, E, STRIDE_E)
+    return pack_factors(Ae, Be, convention)
 
 
 def _ids(E: int, S: int = 5) -> torch.Tensor:
@@ -178,13 +195,13 @@ def _in_dim(lora: LoraInput) -> int:
     return d1 if lora.context.layout == GPT_OSS else d2
 
 
-def forward_call(family: str, shape: str, param: str) -> ForwardCall:
-    lora = lora_input(peft_objects(family, shape), family, param)
+def forward_call(family: str, shape: str, param: str, convention: str = STRIDE_E) -> ForwardCall:
+    lora = lora_input(peft_objects(family, shape), family, param, convention)
     ids = _ids(lora.num_experts)
     return ForwardCall(lora, pat((ids.numel(), _in_dim(lora)), 7), ids)
 
 
-def per_expert_call(family: str, shape: str) -> PerExpertMergeCall:
+def per_expert_call(family: str, shape: str, convention: str = STRIDE_E) -> PerExpertMergeCall:
     objs = peft_objects(family, shape)
     E, H, I, _ = SHAPES[shape]
     tensors = {}
@@ -192,13 +209,13 @@ def per_expert_call(family: str, shape: str) -> PerExpertMergeCall:
         tensors[f"{MODULE_PATH}.{e}.gate_proj.weight"] = pat((I, H), 10 + e)
         tensors[f"{MODULE_PATH}.{e}.up_proj.weight"] = pat((I, H), 20 + e)
         tensors[f"{MODULE_PATH}.{e}.down_proj.weight"] = pat((H, I), 30 + e)
-    adapters = {p: lora_input(objs, family, p) for p in PARAMS}
+    adapters = {p: lora_input(objs, family, p, convention) for p in PARAMS}
     return PerExpertMergeCall(tensors, adapters, E, PREFIX)
 
 
-def fused_call(family: str, shape: str, param: str) -> FusedMergeCall:
+def fused_call(family: str, shape: str, param: str, convention: str = STRIDE_E) -> FusedMergeCall:
     objs = peft_objects(family, shape)
-    lora = lora_input(objs, family, param)
+    lora = lora_input(objs, family, param, convention)
     other = "down" if param == "gate_up" else "gate_up"
     p = getattr(objs.experts, f"{param}_proj").detach().clone()
     s = getattr(objs.experts, f"{other}_proj").detach().clone()
@@ -287,6 +304,16 @@ def all_cases() -> list[Case]:
                 cases.append(Case(Op.MERGE_FUSED, f"{family}_{param}_{shape}",
                                   lambda f=family, s=shape, p=param: fused_call(f, s, p),
                                   _lora_tags(family, shape, param)))  # fmt: skip
+    # adapters packed contiguous-r (trained by unsloth-zoo < 2026.9.6): a reader must be told, and then read them so
+    cr = "nonsquare"
+    cases.append(Case(Op.LORA_FORWARD, f"qwen3_moe_gate_up_{cr}_contiguous_r",
+                      lambda: forward_call("qwen3_moe", cr, "gate_up", CONTIGUOUS_R),
+                      _lora_tags("qwen3_moe", cr, "gate_up")))  # fmt: skip
+    cases.append(Case(Op.MERGE_PER_EXPERT, f"qwen3_moe_{cr}_contiguous_r",
+                      lambda: per_expert_call("qwen3_moe", cr, CONTIGUOUS_R), _lora_tags("qwen3_moe", cr)))  # fmt: skip
+    cases.append(Case(Op.MERGE_FUSED, f"gpt_oss_gate_up_{cr}_contiguous_r",
+                      lambda: fused_call("gpt_oss", cr, "gate_up", CONTIGUOUS_R),
+                      _lora_tags("gpt_oss", cr, "gate_up")))  # fmt: skip
     for kind in ("full_blocks", "partial_blocks", "per_row", "bf16_scale", "ue8m0"):
         cases.append(_plain(Op.FP8_DEQUANT, kind, fp8_call))
     for kind in ("full_blocks", "partial_blocks", "per_row", "ue8m0"):

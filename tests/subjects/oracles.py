@@ -57,7 +57,8 @@ def peft_orientation(lora: LoraInput) -> Orientation:
 
 
 def _factors(lora: LoraInput) -> LoraFactors:
-    return LoraFactors(lora.lora_A.to(F64), lora.lora_B.to(F64), lora.scaling, reference_orientation(lora), STRIDE_E)
+    return LoraFactors(lora.lora_A.to(F64), lora.lora_B.to(F64), lora.scaling, reference_orientation(lora),
+                       lora.context.lora_B_convention)  # fmt: skip
 
 
 def _peft_delta(lora: LoraInput) -> torch.Tensor:
@@ -102,7 +103,8 @@ def reference(case: Case, call):
         c: ForwardCall = call
         f = _factors(c.lora)
         return lora_forward_delta(c.x.to(F64), f.lora_A, f.lora_B, c.expert_ids, c.lora.num_experts, f.scaling,
-                                  orientation=f.orientation, expert_layout=c.lora.context.layout)  # fmt: skip
+                                  orientation=f.orientation, expert_layout=c.lora.context.layout,
+                                  convention=f.convention)  # fmt: skip
     if op is Op.MERGE_PER_EXPERT:
         c: PerExpertMergeCall = call
         tensors = {k: v.to(F64) for k, v in c.tensors.items()}
@@ -130,6 +132,9 @@ def reference(case: Case, call):
 def upstream(case: Case, call):
     """The real upstream's answer for the same input, or None (no upstream computes it). Raises UpstreamError."""
     op = case.op
+    lora = getattr(call, "lora", None) or next(iter(getattr(call, "adapters", {}).values()), None)
+    if lora is not None and lora.context.lora_B_convention != STRIDE_E:
+        return None  # PEFT reads every adapter stride-E: it has no answer for a contiguous-r adapter
     if op is Op.ORIENTATION:
         return peft_orientation(call)
     if op is Op.LORA_FORWARD:

@@ -71,7 +71,9 @@ def _dtype_eps(dtype: torch.dtype) -> float:
 def compare(case: Case, call, got, want) -> tuple[bool, float, str]:
     op = case.op
     if op is Op.ORIENTATION:
-        return got == want, 0.0 if got == want else 1.0, f"got {getattr(got, 'value', got)}, expected {want.value}"
+        return got == want, 0.0 if got == want else 1.0, (f"decided {getattr(got, 'value', got)}, expected "
+                                                           f"{want.value} (reference names: swapped = PEFT "
+                                                           "_did_swap_in_out_features)")  # fmt: skip
     if op in (Op.MERGE_PER_EXPERT, Op.MERGE_FUSED):
         tensors = got.tensors if hasattr(got, "tensors") else got
         worst, why = 0.0, ""
