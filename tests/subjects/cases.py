@@ -271,7 +271,10 @@ def rhs_call(kind: str) -> RhsCall:
 
 def nf4_call(kind: str) -> NF4Call:
     shape = {"aligned": (2, 4, 64), "rows_split_blocks": (2, 3, 32), "odd_last_dim": (2, 3, 33)}[kind]
-    return NF4Call(pat(shape, 8) * 0.1, 64, torch.float32)
+    # block b of the flattened weight is scaled by 2^-b: every 64-block has its own absmax (a uniform absmax would hide
+    # a kernel that reads another block's absmax)
+    block = torch.arange(math.prod(shape)).reshape(shape) // 64
+    return NF4Call(pat(shape, 8) * 0.1 * torch.exp2(-block.float()), 64, torch.float32)
 
 
 # --- the catalogue -----------------------------------------------------------------------------------------------
@@ -289,21 +292,16 @@ def all_cases() -> list[Case]:
             cases.append(Case(Op.ORIENTATION, f"qwen3_moe_{param}_{shape}",
                               lambda s=shape, p=param: lora_input(peft_objects("qwen3_moe", s), "qwen3_moe", p),
                               _lora_tags("qwen3_moe", shape, param)))  # fmt: skip
-    for family in FAMILIES:
-        for shape in SHAPES:
-            for param in PARAMS:
-                cases.append(Case(Op.LORA_FORWARD, f"{family}_{param}_{shape}",
-                                  lambda f=family, s=shape, p=param: forward_call(f, s, p),
-                                  _lora_tags(family, shape, param)))  # fmt: skip
     for shape in SHAPES:
         cases.append(Case(Op.MERGE_PER_EXPERT, f"qwen3_moe_{shape}", lambda s=shape: per_expert_call("qwen3_moe", s),
                           _lora_tags("qwen3_moe", shape)))  # fmt: skip
-    for family in FAMILIES:
-        for shape in SHAPES:
-            for param in PARAMS:
-                cases.append(Case(Op.MERGE_FUSED, f"{family}_{param}_{shape}",
-                                  lambda f=family, s=shape, p=param: fused_call(f, s, p),
-                                  _lora_tags(family, shape, param)))  # fmt: skip
+    for op, builder in ((Op.LORA_FORWARD, forward_call), (Op.MERGE_FUSED, fused_call)):
+        for family in FAMILIES:
+            for shape in SHAPES:
+                for param in PARAMS:
+                    cases.append(Case(op, f"{family}_{param}_{shape}",
+                                      lambda b=builder, f=family, s=shape, p=param: b(f, s, p),
+                                      _lora_tags(family, shape, param)))  # fmt: skip
     # adapters packed contiguous-r (trained by unsloth-zoo < 2026.9.6): a reader must be told, and then read them so
     cr = "nonsquare"
     cases.append(Case(Op.LORA_FORWARD, f"qwen3_moe_gate_up_{cr}_contiguous_r",

@@ -27,21 +27,12 @@ class DependencyBug:
     explains: Callable[[Case, object, object], bool] | None = None  # (case, call, value) -> value is the bug's output
 
 
-def _avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except FileNotFoundError:
-        return False
-
-
 def _bnb_avx512_applies(case: Case, call) -> bool:
     """bitsandbytes 0.50.2's native CPU dequantize_4bit with AVX-512F indexes absmax per row when the last dim n is a
-    multiple of 16 but not of the blocksize and there are several rows (tests/oracles/test_bnb_nf4.py)."""
-    if case.op is not Op.NF4_DEQUANT or not _avx512():
-        return False
-    n, m = call.weight.shape[-1], call.weight.numel() // call.weight.shape[-1]
-    return n % 2 == 0 and n % 16 == 0 and call.blocksize >= 16 and m > 1 and n % call.blocksize != 0
+    multiple of 16 but not of the blocksize and there are several rows (the condition is the oracle's own)."""
+    from tests.oracles.test_bnb_nf4 import avx512_misreads
+
+    return case.op is Op.NF4_DEQUANT and avx512_misreads(tuple(call.weight.shape), call.blocksize)
 
 
 def _bnb_shaped_dequant(case: Case, call, value) -> bool:
