@@ -16,10 +16,14 @@ from harness.subjects import registry
 from harness.subjects.interface import SubjectLoadError
 
 
-def split(subjects: frozenset[str], resolved: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """(requirements to install in the cell venv, {subject package: version}) from a cell's resolved versions."""
-    install = [f"{p}=={v}" for p, v in sorted(resolved.items()) if p not in subjects]
-    return install, {p: v for p, v in resolved.items() if p in subjects}
+def split(subjects: frozenset[str], resolution) -> tuple[list[str], dict[str, str]]:
+    """(requirements to install in the cell venv, {subject package: version}) from a cell's `matrix.Resolution`."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    names = {canonicalize_name(p) for p in subjects}
+    install = [r for r in resolution.requirements() if canonicalize_name(Requirement(r).name) not in names]
+    return install, {p: v for p, v in resolution.resolved.items() if p in subjects}
 
 
 def prepare(subject_versions: Mapping[str, str]) -> dict[str, str]:

@@ -36,13 +36,21 @@ def b_columns(e: int, r: int, E: int, convention: str) -> list[int]:
 
 
 def loop_delta(lora_A, lora_B, E, s, orientation, convention):
-    """Oracle ΔW [E, d1, d2], one expert at a time."""
+    """Oracle ΔW [E, d1, d2], one expert at a time: ``B_e A_e = Σ_k outer(B_e[:, k], A_e[k])`` summed in rank order.
+
+    The explicit rank-ordered sum (instead of ``B_e @ A_e``) fixes the rounding: a BLAS kernel may block or fuse the
+    r products differently for ``B A`` and ``(Aᵀ Bᵀ)ᵀ`` (seen on AVX-512 CPUs), while here both sides add the same
+    products in the same order, so factors that only move entries give bit-identical deltas.
+    """
     r = lora_A.shape[0] // E
     out = []
     for e in range(E):
         A_e = lora_A[e * r : (e + 1) * r]
         B_e = lora_B[:, b_columns(e, r, E, convention)]
-        BA = s * (B_e @ A_e)
+        BA = torch.zeros(B_e.shape[0], A_e.shape[1], dtype=torch.promote_types(A_e.dtype, B_e.dtype))
+        for k in range(r):
+            BA = BA + torch.outer(B_e[:, k], A_e[k])
+        BA = s * BA
         out.append(BA.T if orientation is Orientation.STANDARD else BA)
     return torch.stack(out)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.matrix import MatrixError, load_matrix
+from harness.matrix import MatrixError, Resolution, load_matrix
 from harness.runner import Progress, RunOptions, run_cell
 from harness.subjects import matrix_hook, registry, wheel
 from harness.subjects.interface import SubjectLoadError
@@ -174,8 +174,8 @@ def test_matrix_subject_axis(tmp_path):
 
     m = load_matrix(write_matrix(MATRIX.format(tests="t.py")))
     assert m.subjects == {"fake_subject"} and [c.id for c in m.cells()] == ["z1.5-pany", "z9-pany"]
-    assert matrix_hook.split(m.subjects, {"fake_subject": "1.5", "pytest": "9.0"}) == (
-        ["pytest==9.0"], {"fake_subject": "1.5"})  # fmt: skip
+    res = Resolution({"fake_subject": "1.5", "pytest": "9.0"}, {})
+    assert matrix_hook.split(m.subjects, res) == (["pytest==9.0"], {"fake_subject": "1.5"})
     with pytest.raises(MatrixError, match="kind must be one of"):
         load_matrix(write_matrix(MATRIX.format(tests="t.py").replace('kind = "subject"', 'kind = "wheel"')))
     assert load_matrix("subjects").subjects == {"unsloth_zoo"}
