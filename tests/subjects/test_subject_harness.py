@@ -176,7 +176,7 @@ def test_matrix_subject_axis(tmp_path):
     assert m.subjects == {"fake_subject"} and [c.id for c in m.cells()] == ["z1.5-pany", "z9-pany"]
     res = Resolution({"fake_subject": "1.5", "pytest": "9.0"}, {})
     assert matrix_hook.split(m.subjects, res) == (["pytest==9.0"], {"fake_subject": "1.5"})
-    with pytest.raises(MatrixError, match="kind must be one of"):
+    with pytest.raises(MatrixError, match=r"axis\[0\]\.kind: must be one of"):
         load_matrix(write_matrix(MATRIX.format(tests="t.py").replace('kind = "subject"', 'kind = "wheel"')))
     assert load_matrix("subjects").subjects == {"unsloth_zoo"}
     assert "unsloth_zoo" not in load_matrix("default").subjects and not load_matrix("default").subjects
