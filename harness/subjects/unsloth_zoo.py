@@ -356,16 +356,21 @@ class UnslothZoo(Subject):
 
     def fp8_dequant(self, call: FP8Call) -> torch.Tensor:
         """The merge's FP8 read: ``apply_moe_quant_load`` -> ``_fp8_save_handler`` -> ``_fp8_dequant_blockwise``."""
-        self.record(
+        self.record(self._shard_code(call.scale_inv.dtype)
+                    + f"W, requant = apply_moe_quant_load(Shard(), header, 'w.weight'{self._block_kw(call.block)})",
+                    q=call.q, scale_inv=call.scale_inv)  # fmt: skip
+        return self._quant_load(call.q, call.scale_inv, call.block)[0]
+
+    @staticmethod
+    def _shard_code(scale_dtype) -> str:
+        """Python for the shard the merge reads FP8 from (``q`` and ``scale_inv`` defined by the caller's lines)."""
+        return (
             "from unsloth_zoo.temporary_patches.moe_utils_fp8 import apply_moe_quant_load\n"
             "class Shard:  # what the merge passes: get_tensor only\n"
             "    def get_tensor(self, k): return {'w.weight': q, 'w.weight_scale_inv': scale_inv}[k]\n"
             "header = {'w.weight': {'dtype': 'F8_E4M3', 'shape': list(q.shape)}, 'w.weight_scale_inv': "
-            f"{{'dtype': {_SAFETENSORS_DTYPE.get(call.scale_inv.dtype)!r}, 'shape': list(scale_inv.shape)}}}}\n"
-            f"W, requant = apply_moe_quant_load(Shard(), header, 'w.weight'{self._block_kw(call.block)})",
-            q=call.q, scale_inv=call.scale_inv,
-        )  # fmt: skip
-        return self._quant_load(call.q, call.scale_inv, call.block)[0]
+            f"{{'dtype': {_SAFETENSORS_DTYPE.get(scale_dtype)!r}, 'shape': list(scale_inv.shape)}}}}\n"
+        )
 
     def _block_kw(self, block) -> str:
         import inspect
@@ -400,10 +405,11 @@ class UnslothZoo(Subject):
         _, requant, _ = self._quant_load(q0, s0, call.block)
         w_fp8, _dtype, extra = requant(call.w)
         self.record(
-            "from unsloth_zoo.temporary_patches.moe_utils_fp8 import apply_moe_quant_load\n"
-            f"# shard: w.weight e4m3 {(rows, cols)}, w.weight_scale_inv {call.scale_dtype} {grid}\n"
-            f"_, requant = apply_moe_quant_load(shard, header, 'w.weight'{self._block_kw(call.block)})\n"
-            "q, _, [(_, scale_inv, _)] = requant(w)",
+            f"q = torch.zeros{(rows, cols)}.to(torch.float8_e4m3fn)  # the FP8 weight on disk (values unused)\n"
+            f"scale_inv = torch.ones{grid}.to({call.scale_dtype})  # its scales: their dtype is the requant's\n"
+            + self._shard_code(call.scale_dtype)
+            + f"_, requant = apply_moe_quant_load(Shard(), header, 'w.weight'{self._block_kw(call.block)})\n"
+            "q, _, [(_, scale_inv, _)] = requant(w)  # the merged weight w requantized",
             w=call.w,
         )  # fmt: skip
         (_key, new_scale, _sd), = extra

@@ -257,7 +257,7 @@ def fp8_call(kind: str) -> FP8Call:
 
 def fp8_requant_call(kind: str) -> FP8RequantCall:
     shape = (6, 10) if kind == "partial_blocks" else (8, 8)
-    w = pat(shape, 9) * torch.exp2(pat(shape, 4)) * 0.3
+    w = pat(shape, 9) * torch.exp2(pat(shape, 10))
     if kind == "zero_block":
         w[:4, :4] = 0
     dtype = UE8M0_DTYPE if kind == "ue8m0" else torch.float32

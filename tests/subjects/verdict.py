@@ -124,21 +124,25 @@ def requant_ok(call, got) -> tuple[bool, float, str]:
 
 
 def _literal(t: torch.Tensor) -> str:
-    """A tensor as Python: a `pat` formula when it is one, else a literal (small) or its dtype, shape and sum."""
+    """A tensor as a Python expression: a `pat` formula when it is one (``pat(s, a)`` or ``pat(s, a) *
+    exp2(pat(s, a + 1))``, the inputs tests/subjects/cases.py builds), else a literal of up to 64 values, else ``None``
+    with its dtype, shape and sum in a comment (still valid Python)."""
     if t.numel() and (t.dtype.is_floating_point or t.dtype == E4M3):
         f = t.detach().to(torch.float32)
         shape = tuple(t.shape)
+        cast = "" if t.dtype == torch.float32 else f".to({t.dtype})"
         for salt in range(64):
             p = pat(shape, salt)
-            if torch.equal(f, p):
-                return f"pat({shape}, {salt})" + ("" if t.dtype == torch.float32 else f".to({t.dtype})")
-            if t.dtype == E4M3 and torch.equal(f, (p * torch.exp2(pat(shape, salt + 1))).to(E4M3).float()):
-                return f"(pat({shape}, {salt}) * torch.exp2(pat({shape}, {salt + 1}))).to(torch.float8_e4m3fn)"
-    if t.numel() <= 24:
+            if torch.equal(f, p.to(t.dtype).to(torch.float32)):
+                return f"pat({shape}, {salt}){cast}"
+            q = p * torch.exp2(pat(shape, salt + 1))
+            if torch.equal(f, q.to(t.dtype).to(torch.float32)):
+                return f"(pat({shape}, {salt}) * torch.exp2(pat({shape}, {salt + 1}))){cast}"
+    if t.numel() <= 64:
         vals = t.detach().to(torch.float32).tolist() if t.dtype.is_floating_point else t.tolist()
         cast = f", dtype=torch.float32).to({t.dtype})" if t.dtype not in (torch.float32, torch.int64) else ")"
         return f"torch.tensor({vals}{cast}"
-    return f"<{t.dtype} {tuple(t.shape)}, sum {float(t.double().sum()):.6g}>"
+    return f"None  # {t.dtype} {tuple(t.shape)}, sum {float(t.double().sum()):.6g}: too large to print"
 
 
 def reproduction(subject: Subject, key: str | None = None) -> str:
@@ -253,16 +257,17 @@ def _run_case(subject: Subject, case: Case) -> Verdict:
 
 
 def _disagree(subject, case, call, status, why, d, want, got, notes) -> Verdict:
+    """The finding's message: what differs, the reproduction, expected vs got, then context and notes, dropped in
+    that reverse order when the message would exceed what the report shows (the reproduction is never cut)."""
     lora = getattr(call, "lora", None) or next(iter(getattr(call, "adapters", {}).values()), None)
     ctx = getattr(lora, "context", None) if lora is not None else getattr(call, "context", None)
     head = (f"{subject.name} {subject.version} disagrees with moe-compat's reference on {case.op.value} "
             f"[{case.name}]: {why}.")  # fmt: skip
-    if ctx is not None:
-        head += f" Context: {ctx.describe()}."
-    body = f"\nReproduction:\n{reproduction(subject, _mismatch_key(want, got))}\n{_shown(case, want, got)}"
-    if notes:
-        body += "\nNotes: " + "; ".join(notes)
-    text = head + body
+    repro = f"\nReproduction:\n{reproduction(subject, _mismatch_key(want, got))}\n{_shown(case, want, got)}"
+    extras = [f" Context: {ctx.describe()}." if ctx is not None else "", "\nNotes: " + "; ".join(notes) if notes else ""]
+    while extras and len(head + extras[0] + repro + "".join(extras[1:])) > MAX_REPRO:
+        extras.pop()
+    text = head + (extras[0] if extras else "") + repro + "".join(extras[1:])
     if len(text) > MAX_REPRO:
         text = text[: MAX_REPRO - 40] + "\n... (truncated; rerun the case)"
     return Verdict(status, text, {"max_abs_diff": d if math.isfinite(d) else -1.0})
