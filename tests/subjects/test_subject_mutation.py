@@ -21,7 +21,7 @@ from harness.subjects import registry  # noqa: E402
 from harness.subjects.impl_subject import ImplSubject  # noqa: E402
 from harness.subjects.interface import ForwardCall, FP8Call, Op  # noqa: E402
 from tests.subjects.cases import all_cases  # noqa: E402
-from tests.subjects.verdict import cached, run_case  # noqa: E402
+from tests.subjects.verdict import cached, evaluate  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 FLAGGED = ("disagree", "crash")
@@ -54,7 +54,7 @@ class ReciprocalScale(ImplSubject):
 def _flagged(subject) -> dict[Op, list[str]]:
     out: dict[Op, list[str]] = {}
     for case in all_cases():
-        if run_case(subject, case).status in FLAGGED:
+        if evaluate(subject, case).status in FLAGGED:
             out.setdefault(case.op, []).append(case.name)
     return out
 
@@ -84,7 +84,7 @@ def test_mutated_unsloth_zoo_copy_is_flagged_on_exactly_that_op():
     namespace = mf.__dict__
     exec(compile(src.replace("W_blocks / scale_inv", "W_blocks * scale_inv"), mf.__file__, "exec"), namespace)
     try:
-        after = {c: run_case(subject, c).status for c in cases}
+        after = {c: evaluate(subject, c).status for c in cases}  # not cached: later tests read the real verdicts
     finally:
         namespace["_fp8_requant_blockwise"] = original
     changed = {c.op for c in cases if before[c] != after[c]}

@@ -21,6 +21,7 @@ values with ``stride(-2) == 1``. NF4 is bit-exact (the reference is bit-identica
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -140,8 +141,11 @@ def _literal(t: torch.Tensor) -> str:
                 return f"(pat({shape}, {salt}) * torch.exp2(pat({shape}, {salt + 1}))){cast}"
     if t.numel() <= 64:
         vals = t.detach().to(torch.float32).tolist() if t.dtype.is_floating_point else t.tolist()
-        cast = f", dtype=torch.float32).to({t.dtype})" if t.dtype not in (torch.float32, torch.int64) else ")"
-        return f"torch.tensor({vals}{cast}"
+        text = re.sub(r"(?<![\d.])(-?\d+)\.0(?!\d)", r"\1", str(vals)).replace(" ", "")  # 4.0 -> 4: shorter, same value
+        cast = f",dtype=torch.float32).to({t.dtype})" if t.dtype not in (torch.float32, torch.int64) else ")"
+        if t.dtype == torch.float32:
+            cast = ",dtype=torch.float32)"
+        return f"torch.tensor({text}{cast}"
     return f"None  # {t.dtype} {tuple(t.shape)}, sum {float(t.double().sum()):.6g}: too large to print"
 
 
@@ -207,12 +211,14 @@ def cached(subject: Subject, case: Case) -> Verdict:
 
 
 def run_case(subject: Subject, case: Case) -> Verdict:
-    v = _run_case(subject, case)
+    """`evaluate` and remember the verdict for later tests of this process (`cached`)."""
+    v = evaluate(subject, case)
     RESULTS[(id(subject), case.check_name)] = v
     return v
 
 
-def _run_case(subject: Subject, case: Case) -> Verdict:
+def evaluate(subject: Subject, case: Case) -> Verdict:
+    """Run ``case`` against ``subject`` and classify (nothing remembered: for deliberately altered subjects)."""
     if case.op not in subject.ops:
         return Verdict("skip", f"{subject.name} does not implement {case.op.value}: "
                                f"{subject.missing.get(case.op, 'not declared by its adapter')}")  # fmt: skip
