@@ -5,9 +5,9 @@ Only impl's public functions are called (re-point the imports here when impl's m
 - orientation, per-expert and fused merges: the on-disk path users run. The case's base tensors are written as a tiny
   checkpoint (``config.json`` + ``model.safetensors``, per-expert ``...experts.{e}.{gate,up,down}_proj.weight`` or
   fused ``...experts.{gate_up,down}_proj``) and the adapter is saved by the cell's real PEFT (``save_pretrained``);
-  then ``impl.checkpoint.open_checkpoint`` + ``impl.merge.load_adapter`` + ``impl.merge.plan_merge`` (the decision)
-  or ``impl.merge.merge_adapter`` (``merged_16bit``, fp32 out). impl's refusals (``MergeError`` / ``AdapterError`` /
-  ``CheckpointError`` / ``LayoutError``) are scored as refusals.
+  then ``impl.checkpoint.open_checkpoint`` + ``impl.adapter_dir.read_adapter`` + ``impl.merge.plan_merge`` (the
+  decision) or ``impl.merge.merge_adapter`` (``merged_16bit``, fp32 out). impl's refusals (``impl.errors.MergeError``
+  and its subclasses, ``CheckpointError``, ``LayoutError``) are scored as refusals.
 - LoRA forward: ``impl.peft_integration.wrapper_orientation`` on the live wrapper, then ``impl.forward.lora_delta``.
 - FP8: ``impl.quant_experts.FP8Weight`` (forward storage: quantize / dequantize); the merge path dequantizes and
   requantizes through ``reference.fp8`` (``impl.merge`` imports those functions), so those ops call them.
@@ -45,7 +45,7 @@ UE8M0 = getattr(torch, "float8_e8m0fnu", None)
 
 def _refusals() -> tuple[type[BaseException], ...]:
     from impl.checkpoint import CheckpointError
-    from impl.merge import MergeError
+    from impl.errors import MergeError
     from impl.quant_experts import QuantizedExpertsError
     from reference.fp8 import FP8FormatError
     from reference.layout import LayoutError
@@ -114,8 +114,9 @@ class ImplSubject(Subject):
     # --- ops ----------------------------------------------------------------------------------------------------
 
     def orientation(self, lora: LoraInput) -> Orientation:
+        from impl.adapter_dir import read_adapter
         from impl.checkpoint import open_checkpoint
-        from impl.merge import load_adapter, plan_merge
+        from impl.merge import plan_merge
 
         E, d1, d2 = lora.context.param_shape
         path = lora.peft.module_path
@@ -128,12 +129,13 @@ class ImplSubject(Subject):
         with tempfile.TemporaryDirectory(prefix="moe_compat_subject_") as d:
             base, adapter = self._disk(Path(d), zeros, lora)
             try:
-                plan = plan_merge(open_checkpoint(base), load_adapter(adapter))
+                plan = plan_merge(open_checkpoint(base), read_adapter(adapter))
             except _refusals() as exc:
                 raise SubjectRefusal(f"{type(exc).__name__}: {exc}") from exc
         self.record(
-            "from impl.checkpoint import open_checkpoint\nfrom impl.merge import load_adapter, plan_merge\n"
-            "plan = plan_merge(open_checkpoint(base_dir), load_adapter(adapter_dir))  # adapter_dir: "
+            "from impl.adapter_dir import read_adapter\nfrom impl.checkpoint import open_checkpoint\n"
+            "from impl.merge import plan_merge\n"
+            "plan = plan_merge(open_checkpoint(base_dir), read_adapter(adapter_dir))  # adapter_dir: "
             f"peft_model.save_pretrained (PEFT {lora.context.peft_version})\n"
             f"[x.decision for x in plan.expert_loras if x.param == {lora.context.param!r}]",
             lora_A=lora.lora_A, lora_B=lora.lora_B,

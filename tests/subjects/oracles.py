@@ -24,7 +24,7 @@ from harness.subjects.interface import (
 )
 from reference import nf4 as ref_nf4
 from reference.fp8 import UE8M0_DTYPE, dequantize_fp8, requantize_fp8_block
-from reference.layout import GPT_OSS, Orientation, detect_orientation
+from reference.layout import GPT_OSS, Orientation, SiblingFactors, decide_orientation
 from reference.lora import STRIDE_E, LoraFactors, lora_forward_delta
 from reference.merge import GATE_UP_DOWN, merge_fused, merge_per_expert
 from tests.subjects.cases import Case
@@ -37,16 +37,25 @@ class UpstreamError(RuntimeError):
 
 
 # --- orientation -------------------------------------------------------------------------------------------------
-# ORIENTATION ORACLE: a thin wrapper over today's reference.layout.detect_orientation (+ peft_swaps through its
-# peft_version hint). When reference/layout.py gains the combined orientation function (param shapes, sibling, swap
-# flag, is_transposed, peft_version, sidecar; refuses on disagreement), call it here instead, from `lora.context`.
+# ORIENTATION ORACLE: reference.layout.decide_orientation with every source the context holds (the parameter's and
+# the sibling's shapes, the live swap flag, the PEFT version rule with is_transposed, the transformers version). It
+# raises when sources disagree: on a real PEFT adapter that is moe-compat's bug (the check fails).
 
 
 def reference_orientation(lora: LoraInput) -> Orientation:
     ctx = lora.context
-    d = detect_orientation(ctx.param_shape, lora.lora_A.shape, lora.lora_B.shape, lora.num_experts,
-                           did_swap=ctx.did_swap, is_transposed=ctx.is_transposed,
-                           peft_version=ctx.peft_version)  # fmt: skip
+    sibling = None
+    if lora.peft is not None:
+        other = "down" if ctx.param == "gate_up" else "gate_up"
+        w = lora.peft.wrappers[f"{other}_proj"]
+        sibling = SiblingFactors(f"{other}_proj", ctx.sibling_shape, tuple(w.lora_A["default"].weight.shape),
+                                 tuple(w.lora_B["default"].weight.shape))  # fmt: skip
+    d = decide_orientation(ctx.param_shape, lora.lora_A.shape, lora.lora_B.shape, lora.num_experts,
+                           module=lora.peft.module_path if lora.peft else None, param=f"{ctx.param}_proj",
+                           layout=ctx.layout, sibling=sibling, did_swap=ctx.did_swap,
+                           is_transposed=bool(ctx.is_transposed),  # absent attribute = False, as PEFT reads it
+                           peft_version=ctx.peft_version,
+                           transformers_version=ctx.transformers_version)  # fmt: skip
     return d.orientation
 
 
