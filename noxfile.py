@@ -16,6 +16,9 @@ shares the base interpreter's torch through a .pth file and never installs one.
   everything else as in the newest cell; regression report in ``reports/runs/<run-id>/prerelease.md``.
 * ``bisect``: ``-- --package transformers --good 5.0.0 --bad 5.25.0 --check <name or node id> [--cell ID]``: the
   first release that fails the check (binary search, one cached cell venv per version).
+* ``subject``: the subject checks (tests/subjects) for one released version of another implementation, one cell per
+  PEFT version of ``matrices/subjects.toml``: ``nox -s subject -- unsloth_zoo==2026.10.9 [run options]``. The whole
+  subjects matrix: ``nox -s matrix -- --matrix subjects``.
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ def bisect(session: nox.Session) -> None:
     if not session.posargs:
         session.error("usage: nox -s bisect -- --package P --good V --bad V --check NAME_OR_NODE_ID [--cell ID]")
     session.run(sys.executable, "-m", "harness.cli", "bisect", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none", default=False)
+def subject(session: nox.Session) -> None:
+    """Subject checks of one release of another implementation: `-- unsloth_zoo==VERSION [harness.cli run options]`."""
+    if not session.posargs:
+        session.error("usage: nox -s subject -- NAME==VERSION [run options], e.g. unsloth_zoo==2026.10.9")
+    session.run(sys.executable, "-m", "harness.subjects.session", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none")

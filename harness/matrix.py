@@ -12,6 +12,9 @@ file and the key path, e.g. ``matrices/x.toml: axis[1].values[2].id: ...``)
   ``+``, ``-``); exactly one of ``spec`` (PEP 440 specifier set), ``path`` (a local wheel or source tree) and
   ``vcs`` (``git+https://...@ref``); ``pre`` (bool, only with ``spec``) admits pre-releases; ``note`` is free
   text. The cross product of the axes gives the cells ``t<id>-p<id>``; two cells with one id are an error;
+  ``kind = "subject"`` (default ``"package"``, `AXIS_KINDS`) makes the axis a *subject* to check: resolved like a
+  package, never installed; its released wheel is fetched and the cell's tests run with
+  ``MOE_COMPAT_SUBJECT=<package>==<version>`` (harness/subjects/matrix_hook.py);
 * ``[[pin]]``: ``cells`` globs + ``packages = {name = spec}``: extra pins for some cells (never torch: torch is
   always the base venv's; a torch pin, package or axis is an error);
 * ``[[known]]``: known-broken checks: ``cells`` (globs on cell ids) and/or ``when`` (PEP 440 specifiers on the
@@ -62,7 +65,8 @@ VersionSource = Callable[[str], list[str]]
 SECTIONS: dict[str, type] = {"matrix": dict, "packages": dict, "axis": list, "pin": list, "known": list,
                              "incompatible": list, "retired": list}
 MATRIX_KEYS = ("name", "description", "tests", "timeout_s", "install_timeout_s", "pytest_args", "extends")
-AXIS_KEYS = ("package", "prefix", "values")
+AXIS_KEYS = ("package", "prefix", "values", "kind")
+AXIS_KINDS = ("package", "subject")  # `kind` of an [[axis]]: installed in the cell, or a subject to check
 AXIS_VALUE_KEYS = ("id", "spec", "pre", "path", "vcs", "note")
 AXIS_SOURCES = ("spec", "path", "vcs")        # exactly one per axis value
 PIN_KEYS = ("cells", "packages")
@@ -198,6 +202,7 @@ class Matrix:
     pins: tuple[tuple[tuple[str, ...], dict[str, str]], ...] = ()
     known: tuple[Known, ...] = ()
     incompatible: tuple[Incompatible, ...] = ()
+    subjects: frozenset[str] = frozenset()  # packages of `kind = "subject"` axes
     timeout_s: float = 1800.0
     install_timeout_s: float = 900.0
     pytest_args: tuple[str, ...] = ()
@@ -458,11 +463,17 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
         base = None
 
     axes: dict[str, tuple[str, list[AxisValue]]] = {}
+    subjects = set(base.subjects) if base is not None else set()
     if base is not None:
         axes = {pkg: (prefix, list(values)) for pkg, prefix, values in base.axes}
     for i, raw in enumerate(top.tables("axis")):
         ax = _Table(path, f"axis[{i}]", raw, AXIS_KEYS)
         pkg = ax.package("package", ax.string("package", required=True))
+        kind = ax.string("kind", "package")
+        if kind not in AXIS_KINDS:
+            raise ax.error("kind", f"must be one of {AXIS_KINDS}, got {kind!r}")
+        if kind == "subject":
+            subjects.add(pkg)
         old_prefix = axes[pkg][0] if pkg in axes else None
         prefix = ax.string("prefix", old_prefix or pkg[0])
         if not _PREFIX.fullmatch(prefix):
@@ -533,7 +544,7 @@ def load_matrix(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> Matri
         tests=tests or (base.tests if base else ("tests",)),
         axes=tuple((pkg, prefix, tuple(values)) for pkg, (prefix, values) in axes.items()),
         packages=packages, pins=tuple(pins), known=tuple(known), incompatible=tuple(incompatible),
-        timeout_s=meta.seconds("timeout_s") or (base.timeout_s if base else 1800.0),
+        subjects=frozenset(subjects), timeout_s=meta.seconds("timeout_s") or (base.timeout_s if base else 1800.0),
         install_timeout_s=meta.seconds("install_timeout_s") or (base.install_timeout_s if base else 900.0),
         pytest_args=(meta.strings("pytest_args", may_be_empty=True) if "pytest_args" in meta
                      else base.pytest_args if base else ()),

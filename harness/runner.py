@@ -32,6 +32,8 @@ from packaging.version import InvalidVersion, Version
 from harness import envs
 from harness.matrix import CellSpec, Matrix, ResolveError, VersionSource, resolve_cell, run_source
 from harness.records import UNEXPECTED, RecordError, cell_record, cell_status, check_record, validate_check
+from harness.subjects import matrix_hook
+from harness.subjects.interface import SubjectLoadError
 
 ROOT = envs.ROOT
 CELLS_ENVS_DIR = envs.ENVS_DIR / "cells"
@@ -302,8 +304,8 @@ def _phases(matrix: Matrix, cell: CellSpec, rec: dict[str, Any], finish: Callabl
         return finish("error", f"axis package(s) {unpinned} were not resolved to a version (axis values: {values}); "
                                f"installing the cell without them would test whatever version pip picks")
 
-    # -- install
-    reqs = res.requirements()
+    # -- install (a `kind = "subject"` axis is not installed: its wheel is fetched, the tests get MOE_COMPAT_SUBJECT)
+    reqs, subjects = matrix_hook.split(matrix.subjects, res)
     reused = envs.is_current(cell.id, reqs, envs_dir=opts.envs_dir)
     progress.phase(cell.id, "install", "reusing cached venv" if reused else " ".join(reqs))
     ts = time.monotonic()
@@ -316,6 +318,11 @@ def _phases(matrix: Matrix, cell: CellSpec, rec: dict[str, Any], finish: Callabl
     except subprocess.TimeoutExpired as exc:
         timed("install", ts)
         return finish("error", f"install timed out after {install_timeout:.0f}s: {' '.join(map(str, exc.cmd))}")
+    try:
+        subject_env = matrix_hook.prepare(subjects)
+    except SubjectLoadError as exc:
+        timed("install", ts)
+        return finish("error", f"subject fetch failed: {exc}")
     timed("install", ts)
     rec["venv"], rec["venv_reused"] = str(env.path), reused
     marker = env.path / ".moe-compat-installer"
@@ -332,11 +339,12 @@ def _phases(matrix: Matrix, cell: CellSpec, rec: dict[str, Any], finish: Callabl
     threads = str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))
     env_vars = {**os.environ, "MOE_COMPAT_CELL": cell.id, "MOE_COMPAT_MATRIX": str(matrix.path),
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONFAULTHANDLER": "1", **opts.env}
+                "PYTHONFAULTHANDLER": "1", **subject_env, **opts.env}
     env_vars.pop("MOE_COMPAT_RESULTS", None)
     env_vars.setdefault("HYPOTHESIS_PROFILE", "ci")
     env_vars.setdefault("OMP_NUM_THREADS", threads)
-    dists = sorted({*res.resolved, *res.direct, "torch", "bitsandbytes"})
+    axis_pkgs = [pkg for pkg in axis_pkgs if pkg not in subjects]  # a subject is not installed: nothing to import
+    dists = sorted({*res.resolved, *res.direct, "torch", "bitsandbytes"} - set(subjects))
     # A probe result is cached in the venv: same pins, same base, same packages asked -> same answer.
     probe_key = json.dumps({"venv": envs.requirements_key(reqs), "dists": dists, "mods": axis_pkgs,
                             "env": opts.env}, sort_keys=True)
@@ -358,9 +366,9 @@ def _phases(matrix: Matrix, cell: CellSpec, rec: dict[str, Any], finish: Callabl
             return finish("error", f"import probe died (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
         probe = json.loads(line[len("MOE_PROBE "):])
         probe_file.write_text(json.dumps({"key": probe_key, "probe": probe}))
-    rec["installed"] = probe["versions"]
+    rec["installed"] = {**probe["versions"], **subjects}
     mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items()
-                  if not same_version(probe["versions"].get(p), v)}
+                  if p not in subjects and not same_version(probe["versions"].get(p), v)}  # fmt: skip
     for pkg in res.direct:  # a source tree or VCS commit has its version only once installed
         if pkg not in res.resolved and probe["versions"].get(pkg):
             rec["resolved"][pkg] = rec["sources"][pkg]["version"] = probe["versions"][pkg]
