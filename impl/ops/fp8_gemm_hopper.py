@@ -1,0 +1,327 @@
+"""Block-FP8 grouped GEMM for Hopper: TMA tile loads, one fp32 accumulator, large tiles (forward of the FP8 experts).
+
+Same function as the ``fp8_block`` path of `impl.ops.grouped_gemm.grouped_mm` (rows sorted by expert, int32 END
+``offsets [E]``)::
+
+    not trans:  y[m, n] = sum_kb sx[m, kb] * sw[e, n // 128, kb] * sum_{k in kb} xq[m, k] * q[e, n, k]   x [S, C] -> y [S, R]
+    trans:      y[m, n] = sum_kb sx[m, kb] * sw[e, kb, n // 128] * sum_{k in kb} xq[m, k] * q[e, k, n]   x [S, R] -> y [S, C]
+
+with ``xq, sx = quantize_act_1x128(x)`` (1x128 groups over the reduction axis, `reference.fp8.quantize_act_groups`),
+weight codes ``q [E, R, C]`` e4m3 and ``sw = scale_inv [E, ceil(R/128), ceil(C/128)]`` (the dequant multiplier).
+Partial edge blocks: tile rows/columns past R, C or the expert's last row are computed and not stored; the K tail is
+zero-filled by the TMA descriptor of x (so a weight tile that reads past the expert's K extent is multiplied by 0).
+
+Why a second kernel: the K-loop kernel of `grouped_gemm` runs the FP8 forward at 36 % of the FP8 roofline on an H200
+(reports/bench/NOTES.md). Its SASS (sm_90a, compiled on a CPU, bench/fp8_hopper_sass.py) shows 282 instructions per
+K step per warp for a 64x128x128 tile (12 cp.async with 64-bit address arithmetic and masks, FMUL+FFMA per element
+for the scale, a shared-memory round trip + barrier to re-layout the row scales), at 250 registers. This kernel
+loads A and B tiles with TMA (``TensorDescriptor``: two bulk copies per K step issued by one thread), folds the two
+scales into one per-row factor (the weight scale is a scalar per 128x128 block, BN is split into 128-wide halves),
+and offers two promotion forms:
+
+- ``rescale=False`` ("promote"): ``acc += dot(a, b) * s[:, None]``, s = sx * sw per row: a fresh wgmma result per
+  K step (64 extra fp32 registers per thread per 64x128 warpgroup tile) and one FFMA per element;
+- ``rescale=True``: the accumulator is kept in units of the current step's scale,
+  ``acc = dot(a, b, acc * (s_prev / s)[:, None])`` and ``y = acc * s_last`` at the end: the wgmma accumulates into
+  acc itself (no second register tile; one FMUL per element). Exact up to fp32 rounding: each step multiplies by a
+  positive ratio of scales (all >= 1e-12), a relative error of ~2^-24 per step; |acc| stays far inside fp32 range
+  (codes <= 448, ratios <= ~1e14). Saves 64 registers per thread, which buys 128x256 tiles without spills (226 vs
+  255 + 136 B spilled, `bench/fp8_hopper_sass.py`) or two 8-warp CTAs per SM at 128x128.
+
+Triton serializes every wgmma of a K step (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` right after the 4 QGMMA, also when two
+K steps are unrolled by hand), so the tensor cores are fed only by the OTHER warpgroups/CTAs of the SM while one
+promotes: tile and occupancy choices are what the variants vary. ``tl.range(warp_specialize=True)`` is not usable on
+Hopper in Triton 3.6 (ignored at 8 warps: identical SASS; the NVGPUWarpSpecialization pass fails at 4 warps).
+
+Schedule: no host sync. Program ``(pid_n, pid_m)`` (or, persistent, work item t = pid_m * n_tiles + pid_n walked by
+NUM_SMS * ctas_per_sm programs) finds its expert by a prefix sum over ``ceil(count_e / BM)``
+(`grouped_gemm._expert_tile`); experts with no rows get no tiles; rows past ``offsets[-1]`` are not written.
+
+Under ``TRITON_INTERPRET=1`` (CPU) the dots run in fp32 (``dot_fp32``): the interpreter's fp8 ``tl.dot`` is unreliable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from impl.ops.grouped_gemm import (
+    FMT_FP8,
+    FP8_BLOCK,
+    GroupedWeight,
+    _expert_tile,
+    _next_pow2,
+    interpret_mode,
+    quantize_act_1x128,
+)
+
+TMA_ALIGN = 16  # bytes: base pointer and every leading stride of a TMA tensor
+
+
+@dataclass(frozen=True)
+class HopperFp8Config:
+    """One launch configuration. BN is 128 or a multiple of 128 (split into 128-wide halves, one weight scale each).
+
+    ctas_per_sm: persistent only (grid = NUM_SMS * ctas_per_sm). maxnreg: register cap per thread (None = compiler's
+    choice); 128 lets two 8-warp CTAs share an SM (65536 registers)."""
+
+    BM: int = 128
+    BN: int = 256
+    num_warps: int = 8
+    num_stages: int = 3
+    rescale: bool = True
+    persistent: bool = False
+    ctas_per_sm: int = 1
+    maxnreg: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.BN % FP8_BLOCK or self.BN // FP8_BLOCK not in (1, 2):
+            raise ValueError(f"BN must be 128 or 256 (128-wide weight-scale blocks), got {self.BN}")
+        if self.BM not in (64, 128):
+            raise ValueError(f"BM must be 64 or 128, got {self.BM}")
+
+
+# Variants the sweep (bench/sweep_fp8.py) times; predictions for Qwen3-30B-A3B gate_up at 16384 tokens (S = 131072
+# rows, N 1536, K 2048, 824.6 GFLOP; today's kernel 487 TFLOP/s = 1693 us) are in reports/bench/fp8-hopper-PLAN.md.
+VARIANTS: dict[str, HopperFp8Config] = {
+    "t128x128_promote": HopperFp8Config(128, 128, 8, 3, rescale=False),
+    "t128x128_rescale": HopperFp8Config(128, 128, 8, 3),
+    "t128x256_rescale": HopperFp8Config(128, 256, 8, 3),
+    "t128x256_rescale_s4": HopperFp8Config(128, 256, 8, 4),
+    "t64x128_rescale": HopperFp8Config(64, 128, 4, 3),
+    "t64x256_rescale_s2": HopperFp8Config(64, 256, 4, 2),
+    "t128x256_rescale_persist": HopperFp8Config(128, 256, 8, 3, persistent=True),
+    "t128x128_rescale_persist2": HopperFp8Config(128, 128, 8, 3, persistent=True, ctas_per_sm=2, maxnreg=128),
+}
+DEFAULT_VARIANT = "t128x256_rescale"
+
+
+def unsupported_reason(x: torch.Tensor, weight: GroupedWeight, trans: bool) -> str | None:
+    """Why `fp8_grouped_mm` cannot run these operands (None: it can). TMA needs 16-byte aligned bases and leading
+    strides: the e4m3 activation codes ``[S, K]`` and the weight codes viewed ``[E*R, C]`` need K % 16 == 0 and
+    C % 16 == 0 (1 byte per element); every model shape in bench/bench_moe.py satisfies this."""
+    if weight.fmt != FMT_FP8:
+        return f"weight format {weight.fmt!r} is not {FMT_FP8!r}"
+    E, R, C = weight.shape
+    kred = R if trans else C
+    if kred % TMA_ALIGN:
+        return f"reduction dim {kred} (x {tuple(x.shape)}, trans={trans}) is not a multiple of {TMA_ALIGN} (TMA stride)"
+    if C % TMA_ALIGN:
+        return f"weight row length C={C} of {weight.shape} is not a multiple of {TMA_ALIGN} (TMA stride)"
+    if not weight.data.is_contiguous():
+        return f"weight codes {weight.shape} must be contiguous (strides {weight.data.stride()})"
+    if weight.data.data_ptr() % TMA_ALIGN:
+        return "weight codes are not 16-byte aligned"
+    return None
+
+
+@triton.jit
+def _step(acc, a, b, s_prev, s, RESCALE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One K block of a [BM, 128] accumulator: a [BM, 128] codes, b [128, 128] codes, s = sx * sw of this block and
+    s_prev of the previous one per row. promote: ``acc += (a @ b) * s``; rescale: acc holds the running sum in units
+    of the current block's s, ``acc = acc * (s_prev / s) + a @ b`` (the tile multiplies by the last s at the end).
+
+    The rescale multiply sits BEFORE the wgmma on purpose: placed after it (``(acc + a @ b) * (s / s_next)``), ptxas
+    copies the accumulator back into the wgmma registers every step (64 MOVs) and the 128x256 tile spills."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if RESCALE:
+        acc = tl.dot(a, b, acc * (s_prev / s)[:, None])
+    else:
+        acc += tl.dot(a, b) * s[:, None]
+    return acc
+
+
+@triton.jit
+def _tile(t, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
+          y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, K_END, n_tiles_n,
+          TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr, RESCALE: tl.constexpr,
+          DOT_FP32: tl.constexpr):
+    """Output tile ``t`` = (m tile t // n_tiles_n, n tile t % n_tiles_n): BN/128 accumulators of [BM, 128]. K_END is
+    the reduction length (a Python int under the interpreter). The weight scale of (K block kb, output block nb) is
+    at ``sw_ptr + e*stride_se + kb*stride_skb + nb*stride_snb``."""
+    BK: tl.constexpr = 128
+    HALVES: tl.constexpr = BN // 128
+    tm = t // n_tiles_n
+    tn = t % n_tiles_n
+    e, row_start, row_end = _expert_tile(offs_ptr, tm, E, E_P2, BM)
+    if e < E:
+        n0 = tn * BN
+        has1 = (HALVES == 2) & (n0 + 128 < NOUT)  # the second half has columns (else: computed, not stored)
+        rm = row_start + tl.arange(0, BM)
+        xs_row = xs_ptr + rm.to(tl.int64) * stride_xsm
+        rows_in = rm < S
+        sw0 = sw_ptr + e.to(tl.int64) * stride_se + (n0 // 128) * stride_snb
+        sw1 = sw0 + stride_snb
+        wrow = e * R
+        acc0 = tl.zeros((BM, 128), tl.float32)
+        acc1 = tl.zeros((BM, 128), tl.float32)
+        p0 = tl.full((BM,), 1.0, tl.float32)  # the previous block's scale per row (rescale form)
+        p1 = tl.full((BM,), 1.0, tl.float32)
+        # the scales of block kb + 1 are loaded during block kb (the rescale form needs them BEFORE the wgmma)
+        xs_n = tl.load(xs_row, mask=rows_in, other=1.0)
+        ws0_n = tl.load(sw0)
+        ws1_n = tl.load(sw1, mask=has1, other=1.0)
+        for k0 in range(0, K_END, BK):
+            kb = k0 // BK
+            s0 = xs_n * ws0_n
+            s1 = xs_n * ws1_n
+            nxt = k0 + BK < K_END
+            xs_n = tl.load(xs_row + (kb + 1) * stride_xsk, mask=rows_in & nxt, other=1.0)
+            ws0_n = tl.load(sw0 + (kb + 1) * stride_skb, mask=nxt, other=1.0)
+            a = a_desc.load([row_start, k0])
+            if TRANS:  # element (k, n) = q[e, k, n]: row wrow + k of the [E*R, C] view
+                b0 = w_desc.load([wrow + k0, n0])
+            else:  # element (k, n) = q[e, n, k]
+                b0 = w_desc.load([wrow + n0, k0]).T
+            acc0 = _step(acc0, a, b0, p0, s0, RESCALE, DOT_FP32)
+            p0 = s0
+            if HALVES == 2:
+                ws1_n = tl.load(sw1 + (kb + 1) * stride_skb, mask=nxt & has1, other=1.0)
+                if TRANS:
+                    b1 = w_desc.load([wrow + k0, n0 + 128])
+                else:
+                    b1 = w_desc.load([wrow + n0 + 128, k0]).T
+                acc1 = _step(acc1, a, b1, p1, s1, RESCALE, DOT_FP32)
+                p1 = s1
+        if RESCALE:
+            acc0 = acc0 * p0[:, None]
+            acc1 = acc1 * p1[:, None]
+        rn = n0 + tl.arange(0, 128)
+        rmask = (rm < row_end)[:, None]
+        yp = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+        tl.store(yp, acc0.to(y_ptr.dtype.element_ty), mask=rmask & (rn < NOUT)[None, :])
+        if HALVES == 2:
+            tl.store(yp + 128 * stride_yn, acc1.to(y_ptr.dtype.element_ty), mask=rmask & (rn + 128 < NOUT)[None, :])
+
+
+@triton.jit
+def _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
+           y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, K_END, n_tiles_n, W_END,
+           TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr, RESCALE: tl.constexpr,
+           PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr):
+    if PERSISTENT:  # work items pid, pid + NPROG, ... (n tiles fastest: neighbours share the x tile); an item past
+        # the last tile finds e >= E in `_expert_tile` and does nothing
+        pid = tl.program_id(0)
+        for t0 in range(0, W_END, NPROG):
+            _tile(t0 + pid, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
+                  y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, K_END, n_tiles_n,
+                  TRANS, BM, BN, E_P2, RESCALE, DOT_FP32)
+    else:
+        _tile(tl.program_id(1) * n_tiles_n + tl.program_id(0), a_desc, xs_ptr, stride_xsm, stride_xsk,
+              w_desc, sw_ptr, stride_se, stride_skb, stride_snb, y_ptr, stride_ym, stride_yn, offs_ptr,
+              S, E, R, NOUT, K_END, n_tiles_n, TRANS, BM, BN, E_P2, RESCALE, DOT_FP32)
+
+
+@triton.jit
+def _fp8_hopper_kernel(
+    a_desc, xs_ptr, stride_xsm, stride_xsk,
+    w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
+    y_ptr, stride_ym, stride_yn,
+    offs_ptr, S, E, R, NOUT, KRED, n_tiles_n, n_work, K_LOOP: tl.constexpr, WORK_LOOP: tl.constexpr,
+    TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr, RESCALE: tl.constexpr,
+    PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    if K_LOOP > 0:  # interpreter: Python-int loop bounds (it cannot loop to a runtime scalar)
+        _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
+               y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, K_LOOP, n_tiles_n, WORK_LOOP,
+               TRANS, BM, BN, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32)
+    else:
+        _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
+               y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, KRED, n_tiles_n, n_work,
+               TRANS, BM, BN, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32)
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def fp8_grouped_mm(
+    x: torch.Tensor,
+    weight: GroupedWeight,
+    offsets: torch.Tensor,
+    *,
+    trans: bool = False,
+    out: torch.Tensor | None = None,
+    config: HopperFp8Config | str | None = None,
+    dot_fp32: bool | None = None,
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Grouped block-FP8 ``x @ W_e.T`` (``trans=False``: x [S, C] -> [S, R]) or ``x @ W_e`` (``trans=True``: x [S, R]
+    -> [S, C]); the ``fp8_block`` path of `grouped_mm` without LoRA (same rows, offsets and output contract).
+
+    x: bf16/fp16/fp32 [S, K] rows sorted by expert, quantized here with `quantize_act_1x128` (one pass) unless
+    ``x_quant = (codes e4m3 [S, K], scale fp32 [S, ceil(K/128)])`` is given (any scale strides).
+    offsets: int32 [E] END offsets on x's device. Output: x's dtype, [S, N]; rows past offsets[-1] are left unwritten.
+    config: a `HopperFp8Config`, a key of `VARIANTS`, or None (`DEFAULT_VARIANT`).
+    Raises ValueError where `unsupported_reason` names a reason (route those to `grouped_mm`).
+    """
+    E, R, C = weight.shape
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [S, K], got shape {tuple(x.shape)}")
+    S, kred = x.shape
+    nout, want_k = (C, R) if trans else (R, C)
+    if kred != want_k:
+        raise ValueError(f"x {tuple(x.shape)} does not match weight {weight.shape} (trans={trans}): need K={want_k}")
+    if offsets.dtype != torch.int32 or offsets.shape != (E,):
+        raise ValueError(f"offsets must be int32 [E={E}], got {offsets.dtype} {tuple(offsets.shape)}")
+    if offsets.device != x.device or weight.data.device != x.device:
+        raise ValueError(f"offsets on {offsets.device}, weight on {weight.data.device}, x on {x.device}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x dtype {x.dtype} not supported (bf16/fp16/fp32)")
+    why = unsupported_reason(x, weight, trans)
+    if why is not None:
+        raise ValueError(f"fp8_grouped_mm: {why}; use impl.ops.grouped_gemm.grouped_mm for these operands")
+    cfg = VARIANTS[config] if isinstance(config, str) else (config or VARIANTS[DEFAULT_VARIANT])
+    if dot_fp32 is None:
+        dot_fp32 = interpret_mode()
+    if out is None:
+        out = torch.empty((S, nout), dtype=x.dtype, device=x.device)
+    elif out.shape != (S, nout) or out.dtype != x.dtype:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} != {(S, nout)} {x.dtype}")
+    if S == 0:
+        return out
+    if x_quant is None:
+        xq, xs = quantize_act_1x128(x)
+    else:
+        xq, xs = x_quant
+        nkb = triton.cdiv(kred, FP8_BLOCK)
+        if xq.dtype != torch.float8_e4m3fn or xq.shape != (S, kred) or xs.shape != (S, nkb) or xs.dtype != torch.float32:
+            raise ValueError(f"x_quant must be (e4m3 {(S, kred)}, fp32 {(S, nkb)}), got ({xq.dtype} {tuple(xq.shape)}, "
+                             f"{xs.dtype} {tuple(xs.shape)})")
+        if xq.stride() != (kred, 1) or xq.data_ptr() % TMA_ALIGN:
+            raise ValueError(f"x_quant codes must be contiguous and 16-byte aligned, strides {xq.stride()}")
+    a_desc = TensorDescriptor.from_tensor(xq, [cfg.BM, FP8_BLOCK])
+    w2d = weight.data.view(E * R, C)
+    w_desc = TensorDescriptor.from_tensor(w2d, [FP8_BLOCK, FP8_BLOCK])
+    sw = weight.scale
+    n_tiles_n = triton.cdiv(nout, cfg.BN)
+    n_tiles_m = triton.cdiv(S, cfg.BM) + E  # >= sum_e ceil(count_e / BM); the surplus programs exit at once
+    n_work = n_tiles_m * n_tiles_n
+    nprog = _num_sms(x.device) * cfg.ctas_per_sm
+    grid = (min(nprog, n_work),) if cfg.persistent else (n_tiles_n, n_tiles_m)
+    extra = {} if cfg.maxnreg is None or interpret_mode() else {"maxnreg": cfg.maxnreg}
+    _fp8_hopper_kernel[grid](
+        a_desc, xs, xs.stride(0), xs.stride(1),
+        w_desc, sw, sw.stride(0), *((sw.stride(1), sw.stride(2)) if trans else (sw.stride(2), sw.stride(1))),
+        out, out.stride(0), out.stride(1),
+        offsets, S, E, R, nout, kred, n_tiles_n, n_work,
+        K_LOOP=kred if interpret_mode() else 0, WORK_LOOP=n_work if interpret_mode() else 0,
+        TRANS=trans, BM=cfg.BM, BN=cfg.BN, E_P2=max(16, _next_pow2(E)), RESCALE=cfg.rescale,
+        PERSISTENT=cfg.persistent, NPROG=nprog, DOT_FP32=dot_fp32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+    )
+    return out
