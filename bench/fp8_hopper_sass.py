@@ -104,13 +104,16 @@ def main() -> None:
         w = torch.empty(E * I2, H, dtype=torch.float8_e4m3fn)
         sw = torch.empty(E, I2 // 128, H // 128)
         y = torch.empty(S, N, dtype=torch.bfloat16)
+        tiles = torch.empty(2000, 4, dtype=torch.int32)
+        sw_strides = (sw.stride(1), sw.stride(2)) if trans else (sw.stride(2), sw.stride(1))  # (K block, N block)
         for v in a.variants.split(","):
             cfg = hop.VARIANTS[v]
             extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
             cc = compile_for_sm90(
                 hop._fp8_hopper_kernel, TensorDescriptor.from_tensor(xq, [cfg.BM, 128]), xs, K // 128, 1,
-                TensorDescriptor.from_tensor(w, [128, 128]), sw, sw.stride(0), *((sw.stride(1), sw.stride(2)) if trans else (sw.stride(2), sw.stride(1))), y, N, 1, offs, S, E, I2, N, K,
-                N // cfg.BN, 1000, K_LOOP=0, WORK_LOOP=0, TRANS=trans, BM=cfg.BM, BN=cfg.BN, E_P2=E,
+                TensorDescriptor.from_tensor(w, [128, 128]), sw, sw.stride(0), *sw_strides, y, N, 1, offs, tiles, 2000,
+                S, E, I2, N, K,
+                N // cfg.BN, 1000, K_LOOP=0, WORK_LOOP=0, TILE_MAP=cfg.tile_map, TRANS=trans, BM=cfg.BM, BN=cfg.BN, E_P2=E,
                 RESCALE=cfg.rescale, PERSISTENT=cfg.persistent, NPROG=132 * cfg.ctas_per_sm, DOT_FP32=False,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
             summarize(f"{v}{'_T' if trans else ''}", cc, dump)

@@ -35,7 +35,8 @@ Hopper in Triton 3.6 (ignored at 8 warps: identical SASS; the NVGPUWarpSpecializ
 
 Schedule: no host sync. Program ``(pid_n, pid_m)`` (or, persistent, work item t = pid_m * n_tiles + pid_n walked by
 NUM_SMS * ctas_per_sm programs) finds its expert by a prefix sum over ``ceil(count_e / BM)``
-(`grouped_gemm._expert_tile`); experts with no rows get no tiles; rows past ``offsets[-1]`` are not written.
+(`grouped_gemm._expert_tile`), either in the tile's own prologue or, ``tile_map``, in one small launch before
+(`expert_tile_map`); experts with no rows get no tiles; rows past ``offsets[-1]`` are not written.
 
 Under ``TRITON_INTERPRET=1`` (CPU) the dots run in fp32 (``dot_fp32``): the interpreter's fp8 ``tl.dot`` is unreliable.
 """
@@ -67,7 +68,9 @@ class HopperFp8Config:
     """One launch configuration. BN is 128 or a multiple of 128 (split into 128-wide halves, one weight scale each).
 
     ctas_per_sm: persistent only (grid = NUM_SMS * ctas_per_sm). maxnreg: register cap per thread (None = compiler's
-    choice); 128 lets two 8-warp CTAs share an SM (65536 registers)."""
+    choice); 128 lets two 8-warp CTAs share an SM (65536 registers). tile_map: each tile reads its (expert, rows) from
+    a map built by one small launch (`expert_tile_map`) instead of searching the offsets itself (`_expert_tile`: a
+    vector load, a scan and three reductions with barriers before the first wgmma of every tile)."""
 
     BM: int = 128
     BN: int = 256
@@ -77,6 +80,7 @@ class HopperFp8Config:
     persistent: bool = False
     ctas_per_sm: int = 1
     maxnreg: int | None = None
+    tile_map: bool = True
 
     def __post_init__(self) -> None:
         if self.BN % FP8_BLOCK or self.BN // FP8_BLOCK not in (1, 2):
@@ -91,6 +95,7 @@ VARIANTS: dict[str, HopperFp8Config] = {
     "t128x128_promote": HopperFp8Config(128, 128, 8, 3, rescale=False),
     "t128x128_rescale": HopperFp8Config(128, 128, 8, 3),
     "t128x256_rescale": HopperFp8Config(128, 256, 8, 3),
+    "t128x256_rescale_scan": HopperFp8Config(128, 256, 8, 3, tile_map=False),
     "t128x256_rescale_s4": HopperFp8Config(128, 256, 8, 4),
     "t64x128_rescale": HopperFp8Config(64, 128, 4, 3),
     "t64x256_rescale_s2": HopperFp8Config(64, 256, 4, 2),
@@ -138,10 +143,29 @@ def _step(acc, a, b, s_prev, s, RESCALE: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _tile_map_kernel(offs_ptr, map_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
+    tm = tl.program_id(0)
+    e, row_start, row_end = _expert_tile(offs_ptr, tm, E, E_P2, BM)
+    tl.store(map_ptr + tm * 4, e)
+    tl.store(map_ptr + tm * 4 + 1, row_start)
+    tl.store(map_ptr + tm * 4 + 2, row_end)
+
+
+def expert_tile_map(offsets: torch.Tensor, rows: int, BM: int) -> torch.Tensor:
+    """int32 [cdiv(rows, BM) + E, 4]: for M tile tm, (expert e, first row, expert's end row, -) as `_expert_tile`
+    computes it from the END ``offsets`` (e >= E: no tile). One launch, no host sync; depends only on (offsets, BM)."""
+    E = offsets.shape[0]
+    n = triton.cdiv(rows, BM) + E
+    tiles = torch.empty((n, 4), dtype=torch.int32, device=offsets.device)
+    _tile_map_kernel[(n,)](offsets, tiles, E, E_P2=max(16, _next_pow2(E)), BM=BM, num_warps=1)
+    return tiles
+
+
+@triton.jit
 def _tile(t, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
-          y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, K_END, n_tiles_n,
+          y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n,
           TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr, RESCALE: tl.constexpr,
-          DOT_FP32: tl.constexpr):
+          DOT_FP32: tl.constexpr, TILE_MAP: tl.constexpr):
     """Output tile ``t`` = (m tile t // n_tiles_n, n tile t % n_tiles_n): BN/128 accumulators of [BM, 128]. K_END is
     the reduction length (a Python int under the interpreter). The weight scale of (K block kb, output block nb) is
     at ``sw_ptr + e*stride_se + kb*stride_skb + nb*stride_snb``."""
@@ -149,7 +173,13 @@ def _tile(t, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, 
     HALVES: tl.constexpr = BN // 128
     tm = t // n_tiles_n
     tn = t % n_tiles_n
-    e, row_start, row_end = _expert_tile(offs_ptr, tm, E, E_P2, BM)
+    if TILE_MAP:  # tm past the map (a persistent program's last strides) reads e = E: no tile
+        inside = tm < n_tiles_m
+        e = tl.load(map_ptr + tm * 4, mask=inside, other=E)
+        row_start = tl.load(map_ptr + tm * 4 + 1, mask=inside, other=0)
+        row_end = tl.load(map_ptr + tm * 4 + 2, mask=inside, other=0)
+    else:
+        e, row_start, row_end = _expert_tile(offs_ptr, tm, E, E_P2, BM)
     if e < E:
         n0 = tn * BN
         has1 = (HALVES == 2) & (n0 + 128 < NOUT)  # the second half has columns (else: computed, not stored)
@@ -202,20 +232,20 @@ def _tile(t, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, 
 
 @triton.jit
 def _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
-           y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, K_END, n_tiles_n, W_END,
+           y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n, W_END,
            TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr, RESCALE: tl.constexpr,
-           PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr):
+           PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr, TILE_MAP: tl.constexpr):
     if PERSISTENT:  # work items pid, pid + NPROG, ... (n tiles fastest: neighbours share the x tile); an item past
         # the last tile finds e >= E in `_expert_tile` and does nothing
         pid = tl.program_id(0)
         for t0 in range(0, W_END, NPROG):
             _tile(t0 + pid, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
-                  y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, K_END, n_tiles_n,
-                  TRANS, BM, BN, E_P2, RESCALE, DOT_FP32)
+                  y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n,
+                  TRANS, BM, BN, E_P2, RESCALE, DOT_FP32, TILE_MAP)
     else:
         _tile(tl.program_id(1) * n_tiles_n + tl.program_id(0), a_desc, xs_ptr, stride_xsm, stride_xsk,
-              w_desc, sw_ptr, stride_se, stride_skb, stride_snb, y_ptr, stride_ym, stride_yn, offs_ptr,
-              S, E, R, NOUT, K_END, n_tiles_n, TRANS, BM, BN, E_P2, RESCALE, DOT_FP32)
+              w_desc, sw_ptr, stride_se, stride_skb, stride_snb, y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr,
+              n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n, TRANS, BM, BN, E_P2, RESCALE, DOT_FP32, TILE_MAP)
 
 
 @triton.jit
@@ -223,18 +253,19 @@ def _fp8_hopper_kernel(
     a_desc, xs_ptr, stride_xsm, stride_xsk,
     w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
     y_ptr, stride_ym, stride_yn,
-    offs_ptr, S, E, R, NOUT, KRED, n_tiles_n, n_work, K_LOOP: tl.constexpr, WORK_LOOP: tl.constexpr,
-    TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr, RESCALE: tl.constexpr,
-    PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr,
+    offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, KRED, n_tiles_n, n_work, K_LOOP: tl.constexpr,
+    WORK_LOOP: tl.constexpr, TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr,
+    RESCALE: tl.constexpr, PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr,
+    TILE_MAP: tl.constexpr,
 ):
     if K_LOOP > 0:  # interpreter: Python-int loop bounds (it cannot loop to a runtime scalar)
         _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
-               y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, K_LOOP, n_tiles_n, WORK_LOOP,
-               TRANS, BM, BN, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32)
+               y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, K_LOOP, n_tiles_n,
+               WORK_LOOP, TRANS, BM, BN, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32, TILE_MAP)
     else:
         _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
-               y_ptr, stride_ym, stride_yn, offs_ptr, S, E, R, NOUT, KRED, n_tiles_n, n_work,
-               TRANS, BM, BN, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32)
+               y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, KRED, n_tiles_n,
+               n_work, TRANS, BM, BN, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32, TILE_MAP)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -313,15 +344,16 @@ def fp8_grouped_mm(
     n_work = n_tiles_m * n_tiles_n
     nprog = _num_sms(x.device) * cfg.ctas_per_sm
     grid = (min(nprog, n_work),) if cfg.persistent else (n_tiles_n, n_tiles_m)
+    tiles = expert_tile_map(offsets, S, cfg.BM) if cfg.tile_map else offsets
     extra = {} if cfg.maxnreg is None or interpret_mode() else {"maxnreg": cfg.maxnreg}
     _fp8_hopper_kernel[grid](
         a_desc, xs, xs.stride(0), xs.stride(1),
         w_desc, sw, sw.stride(0), *((sw.stride(1), sw.stride(2)) if trans else (sw.stride(2), sw.stride(1))),
         out, out.stride(0), out.stride(1),
-        offsets, S, E, R, nout, kred, n_tiles_n, n_work,
+        offsets, tiles, n_tiles_m, S, E, R, nout, kred, n_tiles_n, n_work,
         K_LOOP=kred if interpret_mode() else 0, WORK_LOOP=n_work if interpret_mode() else 0,
         TRANS=trans, BM=cfg.BM, BN=cfg.BN, E_P2=max(16, _next_pow2(E)), RESCALE=cfg.rescale,
-        PERSISTENT=cfg.persistent, NPROG=nprog, DOT_FP32=dot_fp32,
+        PERSISTENT=cfg.persistent, NPROG=nprog, DOT_FP32=dot_fp32, TILE_MAP=cfg.tile_map,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
     return out
