@@ -12,26 +12,27 @@ Partial edge blocks: tile rows/columns past R, C or the expert's last row are co
 zero-filled by the TMA descriptor of x (so a weight tile that reads past the expert's K extent is multiplied by 0).
 
 Why a second kernel: the K-loop kernel of `grouped_gemm` runs the FP8 forward at 36 % of the FP8 roofline on an H200
-(reports/bench/NOTES.md). Its SASS (sm_90a, compiled on a CPU, bench/fp8_hopper_sass.py) shows 282 instructions per
-K step per warp for a 64x128x128 tile (12 cp.async with 64-bit address arithmetic and masks, FMUL+FFMA per element
-for the scale, a shared-memory round trip + barrier to re-layout the row scales), at 250 registers. This kernel
-loads A and B tiles with TMA (``TensorDescriptor``: two bulk copies per K step issued by one thread), folds the two
-scales into one per-row factor (the weight scale is a scalar per 128x128 block, BN is split into 128-wide halves),
-and offers two promotion forms:
+(reports/bench/NOTES.md). Its sm_90a SASS (compiled on a CPU by bench/fp8_hopper_sass.py) has 282 instructions per
+K step per warp for a 64x128x128 tile (12 cp.async with 64-bit address arithmetic and masks, FMUL + FFMA per element
+for the two scales, a shared-memory round trip + barrier to re-layout the row scales) at 250 registers. This kernel
+loads the A and B tiles with TMA (host ``TensorDescriptor``s; one thread issues the bulk copies), folds the two
+scales into one per-row factor (the weight scale is a scalar per 128x128 block; BN = 256 is two 128-wide halves with
+one scalar each), loads the scales one K block ahead, and offers two promotion forms:
 
-- ``rescale=False`` ("promote"): ``acc += dot(a, b) * s[:, None]``, s = sx * sw per row: a fresh wgmma result per
-  K step (64 extra fp32 registers per thread per 64x128 warpgroup tile) and one FFMA per element;
-- ``rescale=True``: the accumulator is kept in units of the current step's scale,
-  ``acc = dot(a, b, acc * (s_prev / s)[:, None])`` and ``y = acc * s_last`` at the end: the wgmma accumulates into
-  acc itself (no second register tile; one FMUL per element). Exact up to fp32 rounding: each step multiplies by a
-  positive ratio of scales (all >= 1e-12), a relative error of ~2^-24 per step; |acc| stays far inside fp32 range
-  (codes <= 448, ratios <= ~1e14). Saves 64 registers per thread, which buys 128x256 tiles without spills (226 vs
-  255 + 136 B spilled, `bench/fp8_hopper_sass.py`) or two 8-warp CTAs per SM at 128x128.
+- ``rescale=False`` ("promote", the current kernel's numerics): ``acc += dot(a, b) * s[:, None]`` with s = sx * sw
+  per row; each 128-K partial leaves the tensor cores in fp32 and is scaled and added by one FFMA per element. Costs
+  a second register tile (64 fp32 per thread per 64x128 warpgroup tile): 172 instructions per K step at 128x128
+  (178 registers), 128x256 spills (255 registers + 96 B).
+- ``rescale=True`` (FAST ACCUMULATION): acc is kept in units of the current block's scale,
+  ``acc = dot(a, b, acc * (s_prev / s)[:, None])``, ``y = acc * s_last``: no second register tile (124 registers at
+  128x128, so two 8-warp CTAs per SM; 193 at 128x256, no spill). Exact in real arithmetic, but the running sum now
+  goes through the tensor cores' fp8 accumulation on every wgmma, which keeps only ~14 bits (DeepSeek-V3 report),
+  so its error grows with K: see the sweep's rel_err before making it a default.
 
 Triton serializes every wgmma of a K step (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` right after the 4 QGMMA, also when two
-K steps are unrolled by hand), so the tensor cores are fed only by the OTHER warpgroups/CTAs of the SM while one
-promotes: tile and occupancy choices are what the variants vary. ``tl.range(warp_specialize=True)`` is not usable on
-Hopper in Triton 3.6 (ignored at 8 warps: identical SASS; the NVGPUWarpSpecialization pass fails at 4 warps).
+K steps are unrolled by hand), so while one warpgroup promotes, only the OTHER warpgroups/CTAs of the SM feed the
+tensor cores: tile shape and CTAs per SM are what the variants vary. ``tl.range(warp_specialize=True)`` is not usable
+on Hopper in Triton 3.6 (ignored at 8 warps: identical SASS; the NVGPUWarpSpecialization pass fails at 4 warps).
 
 Schedule: no host sync. Program ``(pid_n, pid_m)`` (or, persistent, work item t = pid_m * n_tiles + pid_n walked by
 NUM_SMS * ctas_per_sm programs) finds its expert by a prefix sum over ``ceil(count_e / BM)``
@@ -76,7 +77,7 @@ class HopperFp8Config:
     BN: int = 256
     num_warps: int = 8
     num_stages: int = 3
-    rescale: bool = True
+    rescale: bool = False
     persistent: bool = False
     ctas_per_sm: int = 1
     maxnreg: int | None = None
@@ -89,20 +90,23 @@ class HopperFp8Config:
             raise ValueError(f"BM must be 64 or 128, got {self.BM}")
 
 
-# Variants the sweep (bench/sweep_fp8.py) times; predictions for Qwen3-30B-A3B gate_up at 16384 tokens (S = 131072
-# rows, N 1536, K 2048, 824.6 GFLOP; today's kernel 487 TFLOP/s = 1693 us) are in reports/bench/fp8-hopper-PLAN.md.
+# Variants the sweep (bench/sweep_fp8.py) times; the predictions for each (Qwen3-30B-A3B gate_up at 16384 tokens) are in
+# reports/bench/fp8-hopper-sweep-plan.md. "promote" variants keep the current kernel's numerics (every 128-K partial
+# promoted in fp32); "rescale" ones are FAST-ACCUMULATION: the running sum goes through the tensor cores' limited-
+# precision adder on every wgmma (DeepSeek-V3 report: ~14 bits retained on H800), more error as K grows. The sweep
+# marks a variant whose error exceeds 1.5x the current kernel's as LOSSY (not eligible as the default).
 VARIANTS: dict[str, HopperFp8Config] = {
     "t128x128_promote": HopperFp8Config(128, 128, 8, 3, rescale=False),
-    "t128x128_rescale": HopperFp8Config(128, 128, 8, 3),
-    "t128x256_rescale": HopperFp8Config(128, 256, 8, 3),
-    "t128x256_rescale_scan": HopperFp8Config(128, 256, 8, 3, tile_map=False),
-    "t128x256_rescale_s4": HopperFp8Config(128, 256, 8, 4),
-    "t64x128_rescale": HopperFp8Config(64, 128, 4, 3),
-    "t64x256_rescale_s2": HopperFp8Config(64, 256, 4, 2),
-    "t128x256_rescale_persist": HopperFp8Config(128, 256, 8, 3, persistent=True),
-    "t128x128_rescale_persist2": HopperFp8Config(128, 128, 8, 3, persistent=True, ctas_per_sm=2, maxnreg=128),
+    "t128x128_promote_scan": HopperFp8Config(128, 128, 8, 3, rescale=False, tile_map=False),
+    "t128x128_promote_s4": HopperFp8Config(128, 128, 8, 4, rescale=False),
+    "t64x128_promote": HopperFp8Config(64, 128, 4, 3, rescale=False),
+    "t128x256_promote": HopperFp8Config(128, 256, 8, 3, rescale=False),
+    "t128x128_promote_persist": HopperFp8Config(128, 128, 8, 3, rescale=False, persistent=True),
+    "t128x128_rescale": HopperFp8Config(128, 128, 8, 3, rescale=True),
+    "t128x256_rescale": HopperFp8Config(128, 256, 8, 3, rescale=True),
+    "t128x256_rescale_persist": HopperFp8Config(128, 256, 8, 3, rescale=True, persistent=True),
 }
-DEFAULT_VARIANT = "t128x256_rescale"
+DEFAULT_VARIANT = "t128x128_promote"
 
 
 def unsupported_reason(x: torch.Tensor, weight: GroupedWeight, trans: bool) -> str | None:
@@ -296,7 +300,8 @@ def fp8_grouped_mm(
 
     x: bf16/fp16/fp32 [S, K] rows sorted by expert, quantized here with `quantize_act_1x128` (one pass) unless
     ``x_quant = (codes e4m3 [S, K], scale fp32 [S, ceil(K/128)])`` is given (any scale strides).
-    offsets: int32 [E] END offsets on x's device. Output: x's dtype, [S, N]; rows past offsets[-1] are left unwritten.
+    offsets: int32 [E] END offsets on x's device. Output [S, N] in x's dtype (or ``out`` in float32: the accumulator
+    unrounded, for numerics checks); rows past offsets[-1] are left unwritten.
     config: a `HopperFp8Config`, a key of `VARIANTS`, or None (`DEFAULT_VARIANT`).
     Raises ValueError where `unsupported_reason` names a reason (route those to `grouped_mm`).
     """
@@ -321,8 +326,8 @@ def fp8_grouped_mm(
         dot_fp32 = interpret_mode()
     if out is None:
         out = torch.empty((S, nout), dtype=x.dtype, device=x.device)
-    elif out.shape != (S, nout) or out.dtype != x.dtype:
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} != {(S, nout)} {x.dtype}")
+    elif out.shape != (S, nout) or out.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype}: need {(S, nout)} in {x.dtype} or float32")
     if S == 0:
         return out
     if x_quant is None:

@@ -44,9 +44,9 @@ GPU_TOL = 1e-2
 COUNTS = [5, 0, 19, 3, 0, 9]  # E = 6: empty experts inside, counts not multiples of BM
 
 # the structural axes of the kernel on CPU-sized tiles: BM 64, BN 128 / 256 (two weight-scale halves), promote and
-# rescale, persistent grid-stride (2 programs) and one-tile-per-program grids
+# rescale, persistent grid-stride (4 programs) and one-tile-per-program grids, tile map and in-tile offsets scan
 SMALL = {
-    "promote_64x128": HopperFp8Config(64, 128, 4, 3, rescale=False),
+    "promote_64x128_scan": HopperFp8Config(64, 128, 4, 3, rescale=False, tile_map=False),
     "rescale_64x256": HopperFp8Config(64, 256, 4, 3, rescale=True),
     "rescale_64x128_persist": HopperFp8Config(64, 128, 4, 3, rescale=True, persistent=True),
 }
@@ -135,18 +135,23 @@ def test_shapes_property(counts, r_blocks, c_blocks, trans, rescale):
 def test_all_experts_empty_writes_nothing():
     gw, _ = fp8_weight(3, 128, 128)
     out = torch.full((4, 128), float("nan"))
-    fp8_grouped_mm(torch.randn(4, 128), gw, offsets_of([0, 0, 0]), out=out, config=SMALL["promote_64x128"])
+    fp8_grouped_mm(torch.randn(4, 128), gw, offsets_of([0, 0, 0]), out=out, config=SMALL["promote_64x128_scan"])
     assert torch.isnan(out).all()
 
 
 @cpu_only
-def test_output_dtype_follows_x():
+def test_output_dtype_follows_x_or_fp32_out():
     gw, wd = fp8_weight(2, 128, 128)
     offs = offsets_of([3, 4])
     x = torch.randn(7, 128, dtype=torch.bfloat16)
-    y = fp8_grouped_mm(x, gw, offs, config=SMALL["promote_64x128"])
+    ref = reference(x, wd, offs, False)
+    y = fp8_grouped_mm(x, gw, offs, config=SMALL["promote_64x128_scan"])
     assert y.dtype == torch.bfloat16
-    assert rel(y, reference(x, wd, offs, False)) < GPU_TOL  # bf16 output rounding
+    assert rel(y, ref) < GPU_TOL  # bf16 output rounding
+    y32 = fp8_grouped_mm(x, gw, offs, config=SMALL["promote_64x128_scan"], out=torch.empty(7, 128))
+    assert rel(y32, ref) < CPU_TOL  # the unrounded accumulator (what bench/sweep_fp8.py's err_fp32 reads)
+    with pytest.raises(ValueError, match="float32"):
+        fp8_grouped_mm(x, gw, offs, out=torch.empty(7, 128, dtype=torch.float16))
 
 
 # ----------------------------------------------------------------------------------------------- guards (any device)
