@@ -111,9 +111,10 @@ def main() -> None:
             extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
             cc = compile_for_sm90(
                 hop._fp8_hopper_kernel, TensorDescriptor.from_tensor(xq, [cfg.BM, 128]), xs, K // 128, 1,
-                TensorDescriptor.from_tensor(w, [128, 128]), sw, sw.stride(0), *sw_strides, y, N, 1, offs, tiles, 2000,
+                TensorDescriptor.from_tensor(w, [128, cfg.CH] if trans else [cfg.CH, 128]), sw, sw.stride(0), *sw_strides, y, N, 1, offs, tiles, 2000,
                 S, E, I2, N, K,
-                N // cfg.BN, 1000, K_LOOP=0, WORK_LOOP=0, TILE_MAP=cfg.tile_map, TRANS=trans, BM=cfg.BM, BN=cfg.BN, E_P2=E,
+                N // cfg.BN, 1000, K_LOOP=0, WORK_LOOP=0, TILE_MAP=cfg.tile_map, TRANS=trans, BM=cfg.BM, BN=cfg.BN,
+                CH=cfg.CH, E_P2=E,
                 RESCALE=cfg.rescale, PERSISTENT=cfg.persistent, NPROG=132 * cfg.ctas_per_sm, DOT_FP32=False,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
             summarize(f"{v}{'_T' if trans else ''}", cc, dump)

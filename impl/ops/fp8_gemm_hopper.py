@@ -66,12 +66,14 @@ TMA_ALIGN = 16  # bytes: base pointer and every leading stride of a TMA tensor
 
 @dataclass(frozen=True)
 class HopperFp8Config:
-    """One launch configuration. BN is 128 or a multiple of 128 (split into 128-wide halves, one weight scale each).
+    """One launch configuration: [BM, BN] output tiles, BN = 128 or 256 (128-wide weight-scale blocks).
 
-    ctas_per_sm: persistent only (grid = NUM_SMS * ctas_per_sm). maxnreg: register cap per thread (None = compiler's
-    choice); 128 lets two 8-warp CTAs share an SM (65536 registers). tile_map: each tile reads its (expert, rows) from
-    a map built by one small launch (`expert_tile_map`) instead of searching the offsets itself (`_expert_tile`: a
-    vector load, a scan and three reductions with barriers before the first wgmma of every tile)."""
+    CH: width of each accumulator chunk (one dot per chunk and K block; ptxas overlaps a chunk's wgmma with the
+    previous chunk's promotion when registers allow, and CH = 64 halves the register cost of that). ctas_per_sm:
+    persistent only (grid = NUM_SMS * ctas_per_sm). maxnreg: register cap per thread (None = the compiler's choice;
+    128 lets two 8-warp CTAs share an SM's 65536 registers). tile_map: each tile reads its (expert, rows) from a map
+    built by one small launch (`expert_tile_map`) instead of searching the offsets itself (`_expert_tile`: a vector
+    load, a scan and three reductions with barriers before the first wgmma of every tile)."""
 
     BM: int = 128
     BN: int = 256
@@ -82,12 +84,15 @@ class HopperFp8Config:
     ctas_per_sm: int = 1
     maxnreg: int | None = None
     tile_map: bool = True
+    CH: int = 128
 
     def __post_init__(self) -> None:
-        if self.BN % FP8_BLOCK or self.BN // FP8_BLOCK not in (1, 2):
+        if self.BN not in (128, 256):
             raise ValueError(f"BN must be 128 or 256 (128-wide weight-scale blocks), got {self.BN}")
         if self.BM not in (64, 128):
             raise ValueError(f"BM must be 64 or 128, got {self.BM}")
+        if self.CH not in (64, 128) or self.BN // self.CH > 4:
+            raise ValueError(f"CH (the accumulator chunk width) must be 64 or 128 with BN / CH <= 4, got {self}")
 
 
 # Variants the sweep (bench/sweep_fp8.py) times; the predictions for each (Qwen3-30B-A3B gate_up at 16384 tokens) are in
@@ -96,12 +101,11 @@ class HopperFp8Config:
 # precision adder on every wgmma (DeepSeek-V3 report: ~14 bits retained on H800), more error as K grows. The sweep
 # marks a variant whose error exceeds 1.5x the current kernel's as LOSSY (not eligible as the default).
 VARIANTS: dict[str, HopperFp8Config] = {
-    "t128x128_promote": HopperFp8Config(128, 128, 8, 3, rescale=False),
-    "t128x128_promote_scan": HopperFp8Config(128, 128, 8, 3, rescale=False, tile_map=False),
-    "t128x128_promote_s4": HopperFp8Config(128, 128, 8, 4, rescale=False),
-    "t64x128_promote": HopperFp8Config(64, 128, 4, 3, rescale=False),
-    "t128x256_promote": HopperFp8Config(128, 256, 8, 3, rescale=False),
-    "t128x128_promote_persist": HopperFp8Config(128, 128, 8, 3, rescale=False, persistent=True),
+    "t128x128_promote": HopperFp8Config(128, 128, 8, 3),
+    "t128x128_promote_scan": HopperFp8Config(128, 128, 8, 3, tile_map=False),
+    "t128x128_promote_c64": HopperFp8Config(128, 128, 8, 3, CH=64),
+    "t64x128_promote": HopperFp8Config(64, 128, 4, 3),
+    "t128x256_promote": HopperFp8Config(128, 256, 8, 3),
     "t128x128_rescale": HopperFp8Config(128, 128, 8, 3, rescale=True),
     "t128x256_rescale": HopperFp8Config(128, 256, 8, 3, rescale=True),
     "t128x256_rescale_persist": HopperFp8Config(128, 256, 8, 3, rescale=True, persistent=True),
@@ -129,13 +133,20 @@ def unsupported_reason(x: torch.Tensor, weight: GroupedWeight, trans: bool) -> s
 
 
 @triton.jit
-def _step(acc, a, b, s_prev, s, RESCALE: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One K block of a [BM, 128] accumulator: a [BM, 128] codes, b [128, 128] codes, s = sx * sw of this block and
-    s_prev of the previous one per row. promote: ``acc += (a @ b) * s``; rescale: acc holds the running sum in units
-    of the current block's s, ``acc = acc * (s_prev / s) + a @ b`` (the tile multiplies by the last s at the end).
-
-    The rescale multiply sits BEFORE the wgmma on purpose: placed after it (``(acc + a @ b) * (s / s_next)``), ptxas
-    copies the accumulator back into the wgmma registers every step (64 MOVs) and the 128x256 tile spills."""
+def _chunk(acc, s_prev, a, w_desc, sw_c, stride_skb, kb, k0, wrow, n_c, xs, has, TRANS: tl.constexpr,
+           RESCALE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One K block of one [BM, CH] accumulator chunk starting at output column n_c: its weight codes are rows
+    ``wrow + n_c ...`` (columns, trans) of the [E*R, C] view, its weight scale ``sw_c[kb]``; s = sx * sw per row.
+    promote: ``acc += (a @ b) * s``. rescale: acc holds the running sum in units of the current block's s,
+    ``acc = acc * (s_prev / s) + a @ b`` (the tile multiplies by the last s at the end); the multiply sits BEFORE
+    the wgmma on purpose: placed after it, ptxas copied the accumulator back into the wgmma registers every step (64
+    MOVs) and the 128x256 tile spilled. Returns (acc, s)."""
+    ws = tl.load(sw_c + kb * stride_skb, mask=has, other=1.0)
+    if TRANS:  # element (k, n) = q[e, k, n]: row wrow + k of the [E*R, C] view
+        b = w_desc.load([wrow + k0, n_c])
+    else:  # element (k, n) = q[e, n, k]
+        b = w_desc.load([wrow + n_c, k0]).T
+    s = xs * ws
     if DOT_FP32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -143,7 +154,17 @@ def _step(acc, a, b, s_prev, s, RESCALE: tl.constexpr, DOT_FP32: tl.constexpr):
         acc = tl.dot(a, b, acc * (s_prev / s)[:, None])
     else:
         acc += tl.dot(a, b) * s[:, None]
-    return acc
+    return acc, s
+
+
+@triton.jit
+def _store_chunk(acc, s_last, y_ptr, stride_ym, stride_yn, rm, rmask, n_c, NOUT, CH: tl.constexpr,
+                 RESCALE: tl.constexpr):
+    if RESCALE:
+        acc = acc * s_last[:, None]
+    rn = n_c + tl.arange(0, CH)
+    yp = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (rn < NOUT)[None, :])
 
 
 @triton.jit
@@ -168,13 +189,14 @@ def expert_tile_map(offsets: torch.Tensor, rows: int, BM: int) -> torch.Tensor:
 @triton.jit
 def _tile(t, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
           y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n,
-          TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr, RESCALE: tl.constexpr,
-          DOT_FP32: tl.constexpr, TILE_MAP: tl.constexpr):
-    """Output tile ``t`` = (m tile t // n_tiles_n, n tile t % n_tiles_n): BN/128 accumulators of [BM, 128]. K_END is
-    the reduction length (a Python int under the interpreter). The weight scale of (K block kb, output block nb) is
-    at ``sw_ptr + e*stride_se + kb*stride_skb + nb*stride_snb``."""
+          TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, E_P2: tl.constexpr,
+          RESCALE: tl.constexpr, DOT_FP32: tl.constexpr, TILE_MAP: tl.constexpr):
+    """Output tile ``t`` = (m tile t // n_tiles_n, n tile t % n_tiles_n) as BN / CH (1, 2 or 4) accumulator chunks of
+    [BM, CH], one dot each per K block (ptxas issues a chunk's wgmma while the previous chunk is promoted, at the
+    price of a second result tile in registers). K_END is the reduction length (a Python int under the interpreter).
+    The weight scale of (K block kb, output block nb) is at ``sw_ptr + e*stride_se + kb*stride_skb + nb*stride_snb``."""
     BK: tl.constexpr = 128
-    HALVES: tl.constexpr = BN // 128
+    NCH: tl.constexpr = BN // CH
     tm = t // n_tiles_n
     tn = t % n_tiles_n
     if TILE_MAP:  # tm past the map (a persistent program's last strides) reads e = E: no tile
@@ -186,70 +208,67 @@ def _tile(t, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, 
         e, row_start, row_end = _expert_tile(offs_ptr, tm, E, E_P2, BM)
     if e < E:
         n0 = tn * BN
-        has1 = (HALVES == 2) & (n0 + 128 < NOUT)  # the second half has columns (else: computed, not stored)
         rm = row_start + tl.arange(0, BM)
-        xs_row = xs_ptr + rm.to(tl.int64) * stride_xsm
+        xs_off = rm * stride_xsm  # int32: fp8_grouped_mm refuses scale tensors of >= 2^31 elements
         rows_in = rm < S
-        sw0 = sw_ptr + e.to(tl.int64) * stride_se + (n0 // 128) * stride_snb
-        sw1 = sw0 + stride_snb
+        sw_e = sw_ptr + e.to(tl.int64) * stride_se
         wrow = e * R
-        acc0 = tl.zeros((BM, 128), tl.float32)
-        acc1 = tl.zeros((BM, 128), tl.float32)
-        p0 = tl.full((BM,), 1.0, tl.float32)  # the previous block's scale per row (rescale form)
+        # chunk j covers output columns n0 + j*CH ...: its weight-scale block, and whether it has a column at all
+        sw0 = sw_e + (n0 // 128) * stride_snb
+        sw1 = sw_e + ((n0 + CH) // 128) * stride_snb
+        sw2 = sw_e + ((n0 + 2 * CH) // 128) * stride_snb
+        sw3 = sw_e + ((n0 + 3 * CH) // 128) * stride_snb
+        has1 = (NCH > 1) & (n0 + CH < NOUT)
+        has2 = (NCH > 2) & (n0 + 2 * CH < NOUT)
+        has3 = (NCH > 3) & (n0 + 3 * CH < NOUT)
+        acc0 = tl.zeros((BM, CH), tl.float32)
+        acc1 = tl.zeros((BM, CH), tl.float32)
+        acc2 = tl.zeros((BM, CH), tl.float32)
+        acc3 = tl.zeros((BM, CH), tl.float32)
+        p0 = tl.full((BM,), 1.0, tl.float32)  # the previous block's scale per row and chunk (rescale form)
         p1 = tl.full((BM,), 1.0, tl.float32)
-        # the scales of block kb + 1 are loaded during block kb (the rescale form needs them BEFORE the wgmma)
-        xs_n = tl.load(xs_row, mask=rows_in, other=1.0)
-        ws0_n = tl.load(sw0)
-        ws1_n = tl.load(sw1, mask=has1, other=1.0)
+        p2 = tl.full((BM,), 1.0, tl.float32)
+        p3 = tl.full((BM,), 1.0, tl.float32)
         for k0 in range(0, K_END, BK):
             kb = k0 // BK
-            s0 = xs_n * ws0_n
-            s1 = xs_n * ws1_n
-            nxt = k0 + BK < K_END
-            xs_n = tl.load(xs_row + (kb + 1) * stride_xsk, mask=rows_in & nxt, other=1.0)
-            ws0_n = tl.load(sw0 + (kb + 1) * stride_skb, mask=nxt, other=1.0)
+            xs = tl.load(xs_ptr + kb * stride_xsk + xs_off, mask=rows_in, other=1.0)
             a = a_desc.load([row_start, k0])
-            if TRANS:  # element (k, n) = q[e, k, n]: row wrow + k of the [E*R, C] view
-                b0 = w_desc.load([wrow + k0, n0])
-            else:  # element (k, n) = q[e, n, k]
-                b0 = w_desc.load([wrow + n0, k0]).T
-            acc0 = _step(acc0, a, b0, p0, s0, RESCALE, DOT_FP32)
-            p0 = s0
-            if HALVES == 2:
-                ws1_n = tl.load(sw1 + (kb + 1) * stride_skb, mask=nxt & has1, other=1.0)
-                if TRANS:
-                    b1 = w_desc.load([wrow + k0, n0 + 128])
-                else:
-                    b1 = w_desc.load([wrow + n0 + 128, k0]).T
-                acc1 = _step(acc1, a, b1, p1, s1, RESCALE, DOT_FP32)
-                p1 = s1
-        if RESCALE:
-            acc0 = acc0 * p0[:, None]
-            acc1 = acc1 * p1[:, None]
-        rn = n0 + tl.arange(0, 128)
-        rmask = (rm < row_end)[:, None]
-        yp = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-        tl.store(yp, acc0.to(y_ptr.dtype.element_ty), mask=rmask & (rn < NOUT)[None, :])
-        if HALVES == 2:
-            tl.store(yp + 128 * stride_yn, acc1.to(y_ptr.dtype.element_ty), mask=rmask & (rn + 128 < NOUT)[None, :])
+            acc0, p0 = _chunk(acc0, p0, a, w_desc, sw0, stride_skb, kb, k0, wrow, n0, xs, True,
+                              TRANS, RESCALE, DOT_FP32)
+            if NCH > 1:
+                acc1, p1 = _chunk(acc1, p1, a, w_desc, sw1, stride_skb, kb, k0, wrow, n0 + CH, xs, has1,
+                                  TRANS, RESCALE, DOT_FP32)
+            if NCH > 2:
+                acc2, p2 = _chunk(acc2, p2, a, w_desc, sw2, stride_skb, kb, k0, wrow, n0 + 2 * CH, xs, has2,
+                                  TRANS, RESCALE, DOT_FP32)
+                acc3, p3 = _chunk(acc3, p3, a, w_desc, sw3, stride_skb, kb, k0, wrow, n0 + 3 * CH, xs, has3,
+                                  TRANS, RESCALE, DOT_FP32)
+        rmask = rm < row_end
+        _store_chunk(acc0, p0, y_ptr, stride_ym, stride_yn, rm, rmask, n0, NOUT, CH, RESCALE)
+        if NCH > 1:
+            _store_chunk(acc1, p1, y_ptr, stride_ym, stride_yn, rm, rmask, n0 + CH, NOUT, CH, RESCALE)
+        if NCH > 2:
+            _store_chunk(acc2, p2, y_ptr, stride_ym, stride_yn, rm, rmask, n0 + 2 * CH, NOUT, CH, RESCALE)
+            _store_chunk(acc3, p3, y_ptr, stride_ym, stride_yn, rm, rmask, n0 + 3 * CH, NOUT, CH, RESCALE)
 
 
 @triton.jit
 def _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
            y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n, W_END,
-           TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr, RESCALE: tl.constexpr,
-           PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr, TILE_MAP: tl.constexpr):
+           TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, E_P2: tl.constexpr,
+           RESCALE: tl.constexpr, PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr,
+           TILE_MAP: tl.constexpr):
     if PERSISTENT:  # work items pid, pid + NPROG, ... (n tiles fastest: neighbours share the x tile); an item past
         # the last tile finds e >= E in `_expert_tile` and does nothing
         pid = tl.program_id(0)
         for t0 in range(0, W_END, NPROG):
             _tile(t0 + pid, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
                   y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n,
-                  TRANS, BM, BN, E_P2, RESCALE, DOT_FP32, TILE_MAP)
+                  TRANS, BM, BN, CH, E_P2, RESCALE, DOT_FP32, TILE_MAP)
     else:
         _tile(tl.program_id(1) * n_tiles_n + tl.program_id(0), a_desc, xs_ptr, stride_xsm, stride_xsk,
               w_desc, sw_ptr, stride_se, stride_skb, stride_snb, y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr,
-              n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n, TRANS, BM, BN, E_P2, RESCALE, DOT_FP32, TILE_MAP)
+              n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n, TRANS, BM, BN, CH, E_P2, RESCALE, DOT_FP32, TILE_MAP)
 
 
 @triton.jit
@@ -258,18 +277,19 @@ def _fp8_hopper_kernel(
     w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
     y_ptr, stride_ym, stride_yn,
     offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, KRED, n_tiles_n, n_work, K_LOOP: tl.constexpr,
-    WORK_LOOP: tl.constexpr, TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr,
+    WORK_LOOP: tl.constexpr, TRANS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
+    E_P2: tl.constexpr,
     RESCALE: tl.constexpr, PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr,
     TILE_MAP: tl.constexpr,
 ):
     if K_LOOP > 0:  # interpreter: Python-int loop bounds (it cannot loop to a runtime scalar)
         _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
                y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, K_LOOP, n_tiles_n,
-               WORK_LOOP, TRANS, BM, BN, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32, TILE_MAP)
+               WORK_LOOP, TRANS, BM, BN, CH, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32, TILE_MAP)
     else:
         _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
                y_ptr, stride_ym, stride_yn, offs_ptr, map_ptr, n_tiles_m, S, E, R, NOUT, KRED, n_tiles_n,
-               n_work, TRANS, BM, BN, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32, TILE_MAP)
+               n_work, TRANS, BM, BN, CH, E_P2, RESCALE, PERSISTENT, NPROG, DOT_FP32, TILE_MAP)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -340,9 +360,11 @@ def fp8_grouped_mm(
                              f"{xs.dtype} {tuple(xs.shape)})")
         if xq.stride() != (kred, 1) or xq.data_ptr() % TMA_ALIGN:
             raise ValueError(f"x_quant codes must be contiguous and 16-byte aligned, strides {xq.stride()}")
+    if xs.numel() >= 2**31:  # the kernel indexes the activation scales with int32
+        raise ValueError(f"activation scales {tuple(xs.shape)} have >= 2^31 elements; split the rows")
     a_desc = TensorDescriptor.from_tensor(xq, [cfg.BM, FP8_BLOCK])
     w2d = weight.data.view(E * R, C)
-    w_desc = TensorDescriptor.from_tensor(w2d, [FP8_BLOCK, FP8_BLOCK])
+    w_desc = TensorDescriptor.from_tensor(w2d, [FP8_BLOCK, cfg.CH] if trans else [cfg.CH, FP8_BLOCK])
     sw = weight.scale
     n_tiles_n = triton.cdiv(nout, cfg.BN)
     n_tiles_m = triton.cdiv(S, cfg.BM) + E  # >= sum_e ceil(count_e / BM); the surplus programs exit at once
@@ -357,7 +379,7 @@ def fp8_grouped_mm(
         out, out.stride(0), out.stride(1),
         offsets, tiles, n_tiles_m, S, E, R, nout, kred, n_tiles_n, n_work,
         K_LOOP=kred if interpret_mode() else 0, WORK_LOOP=n_work if interpret_mode() else 0,
-        TRANS=trans, BM=cfg.BM, BN=cfg.BN, E_P2=max(16, _next_pow2(E)), RESCALE=cfg.rescale,
+        TRANS=trans, BM=cfg.BM, BN=cfg.BN, CH=cfg.CH, E_P2=max(16, _next_pow2(E)), RESCALE=cfg.rescale,
         PERSISTENT=cfg.persistent, NPROG=nprog, DOT_FP32=dot_fp32, TILE_MAP=cfg.tile_map,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )

@@ -44,11 +44,13 @@ GPU_TOL = 1e-2
 COUNTS = [5, 0, 19, 3, 0, 9]  # E = 6: empty experts inside, counts not multiples of BM
 
 # the structural axes of the kernel on CPU-sized tiles: BM 64, BN 128 / 256 (two weight-scale halves), promote and
-# rescale, persistent grid-stride (4 programs) and one-tile-per-program grids, tile map and in-tile offsets scan
+# rescale, persistent grid-stride (4 programs) and one-tile-per-program grids, tile map and in-tile offsets
+# scan, 64-wide accumulator chunks
 SMALL = {
     "promote_64x128_scan": HopperFp8Config(64, 128, 4, 3, rescale=False, tile_map=False),
     "rescale_64x256": HopperFp8Config(64, 256, 4, 3, rescale=True),
     "rescale_64x128_persist": HopperFp8Config(64, 128, 4, 3, rescale=True, persistent=True),
+    "promote_64x256_c64": HopperFp8Config(64, 256, 4, 3, CH=64),  # four 64-wide chunks, two per weight-scale block
 }
 
 
@@ -226,13 +228,14 @@ def _gpu_case(shape: str, trans: bool):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device (and not the interpreter)")
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant,trans", [(v, False) for v in VARIANTS] + [
+    (DEFAULT_VARIANT, True), ("t64x128_promote", True), ("t128x256_rescale", True)])  # trans: BM 64/128, BN 128/256
 @pytest.mark.parametrize("shape", ["qwen_gate_up", "qwen_down", "gpt_oss_gate_up"])
-@pytest.mark.parametrize("trans", [False, True])
 def test_real_shapes_gpu(variant, shape, trans):
     """Qwen3-30B-A3B (E 128, H 2048, I 768) and GPT-OSS-120B-like (E 128, H = I = 2880: a partial 128-block on every
-    axis) expert GEMMs at 4096 tokens x top-k rows, every variant, both orientations, vs an fp32 loop on the same
-    codes; the output is poisoned first and every row < offsets[-1] must be written."""
+    axis) expert GEMMs at 4096 tokens x top-k rows: every variant forward, three of them in the input-gradient
+    orientation, vs an fp32 loop on the same codes; the output is poisoned first and every row < offsets[-1] must be
+    written. (bench/sweep_fp8.py checks every variant at 16k tokens on all three models too.)"""
     gw, offs, x, ref = _gpu_case(shape, trans)
     out = torch.full(ref.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
     fp8_grouped_mm(x, gw, offs, trans=trans, out=out, config=variant)
