@@ -4,8 +4,8 @@ Load it with ``-p harness.pytest_plugin`` (the nox sessions ``tests``, ``matrix`
 
 * registers ``--quick`` (tests marked ``slow`` are skipped; tests may also read the ``quick`` fixture or
   ``request.config.getoption("quick")`` to shrink their own work) and ``--moe-results PATH``;
-* records each test as a check ``{name, family, variant, status, metrics, threshold, plots, message, ...}``
-  with status ``pass | fail | xfail | xpass | skip | finding``, streamed as JSON lines to ``--moe-results``
+* records each test as a check (``harness.records.Check``: ``{name, family, variant, status, metrics, threshold,
+  plots, message, ...}``, status ``pass | fail | xfail | xpass | skip | finding``), streamed as JSON lines to ``--moe-results``
   (or ``$MOE_COMPAT_RESULTS``) so that a crash of the interpreter still leaves the finished checks behind;
 * applies the matrix's known-broken entries (``[[known]]`` in ``matrices/*.toml``) that hold for the current cell
   (``$MOE_COMPAT_CELL``, matrix ``$MOE_COMPAT_MATRIX``, default ``matrices/default.toml``) and the transformers/PEFT
@@ -49,7 +49,6 @@ numbers are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -58,29 +57,14 @@ from typing import Any
 
 import pytest
 
-STATUSES = ("pass", "fail", "xfail", "xpass", "skip", "finding")
-_OPS = {
-    "<=": lambda v, t: v <= t,
-    "<": lambda v, t: v < t,
-    ">=": lambda v, t: v >= t,
-    ">": lambda v, t: v > t,
-    "==": lambda v, t: v == t,
-}
+from harness.records import OPS, check_record, json_number
+
 _MAX_MESSAGE = 2000
 _MAX_DETAILS = 6000
 _MAX_PLOT_POINTS = 2000
 
 _check_key = pytest.StashKey["MoeCheck"]()
 _reports_key = pytest.StashKey[dict]()
-
-
-def json_number(value: float) -> float | str:
-    """A float as JSON can carry it: non-finite values become the strings NaN / Infinity / -Infinity."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    return value
 
 
 def _json_plot(plot: dict[str, Any]) -> dict[str, Any]:
@@ -127,8 +111,8 @@ class MoeCheck:
         v = _as_float(key, value)
         self.metrics[key] = v
         if threshold is not None:
-            if op not in _OPS:
-                raise ValueError(f"moe_check: op for {key!r} must be one of {sorted(_OPS)}, got {op!r}")
+            if op not in OPS:
+                raise ValueError(f"moe_check: op for {key!r} must be one of {sorted(OPS)}, got {op!r}")
             self.threshold[key] = {"op": op, "value": _as_float(f"{key} threshold", threshold)}
         return v
 
@@ -136,7 +120,7 @@ class MoeCheck:
         """Record ``value`` with its threshold and assert ``value op threshold`` (NaN never satisfies it)."""
         v = self.metric(key, value, threshold=threshold, op=op)
         t = self.threshold[key]["value"]
-        if not _OPS[op](v, t):
+        if not OPS[op](v, t):
             extra = f": {msg}" if msg else ""
             raise AssertionError(f"{key} = {v:.6g} violates threshold {op} {t:.6g}{extra}")
         return v
@@ -434,15 +418,15 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for rep in reports.values():
         if rep.failed:
             details += rep.longreprtext[-_MAX_DETAILS:]
-    record = {
-        "name": name, "family": family, "variant": variant, "status": status,
-        "metrics": {k: json_number(v) for k, v in metrics.items()}, "properties": properties,
-        "threshold": {k: {"op": t["op"], "value": json_number(t["value"])}
-                      for k, t in (chk.threshold if chk else {}).items()},
-        "plots": [_json_plot(p) for p in (chk.plots if chk else [])],
-        "message": message, "details": details[-_MAX_DETAILS:], "node_id": report.nodeid,
-        "duration_s": round(sum(r.duration for r in reports.values()), 4),
-    }
+    record = check_record(
+        name=name, family=family, variant=variant, status=status,
+        metrics={k: json_number(v) for k, v in metrics.items()}, properties=properties,
+        threshold={k: {"op": t["op"], "value": json_number(t["value"])}
+                   for k, t in (chk.threshold if chk else {}).items()},
+        plots=[_json_plot(p) for p in (chk.plots if chk else [])],
+        message=message, details=details[-_MAX_DETAILS:], node_id=report.nodeid,
+        duration_s=round(sum(r.duration for r in reports.values()), 4),
+    )
     state.records.append(record)
     state.emit({"event": "check", **record})
 
@@ -463,10 +447,9 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
     if cfg is None:
         return
     text = report.longreprtext
-    record = {"name": f"collect:{report.nodeid or 'session'}", "family": None, "variant": None, "status": "fail",
-              "metrics": {}, "threshold": {}, "plots": [], "message": ("collection error: " + text.strip()
-              .splitlines()[-1] if text.strip() else "collection error")[:_MAX_MESSAGE],
-              "details": text[-_MAX_DETAILS:], "node_id": report.nodeid, "duration_s": 0.0}
+    record = check_record(name=f"collect:{report.nodeid or 'session'}", status="fail", node_id=report.nodeid,
+                          message=("collection error: " + text.strip().splitlines()[-1] if text.strip()
+                                   else "collection error")[:_MAX_MESSAGE], details=text[-_MAX_DETAILS:])
     state = cfg.stash[_state_key]
     state.records.append(record)
     state.emit({"event": "check", **record})

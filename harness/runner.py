@@ -1,10 +1,12 @@
 """Running matrix cells: resolve -> install -> probe -> test, one venv per cell, results as one JSON file per cell.
 
 A cell never takes the run down: an unresolvable spec gives ``unreleased``; an install failure, an install or test
-timeout, an interpreter crash (segfault, OOM kill) or an undeclared import failure give ``error`` with the cause and
-the log tail; the other cells still run. Per cell the run directory receives
+timeout, an interpreter crash (segfault, OOM kill), an undeclared import failure, a test phase that collects no test,
+or an unforeseen exception inside the harness give ``error`` with the cause and the log tail; the other cells
+still run. Per cell the run directory receives
 
-* ``cells/<id>.json`` — the cell record (``report.CELL_KEYS``), the unit that ``harness.cli merge`` combines;
+* ``cells/<id>.json`` — the cell record (fields: ``harness.records.Cell``), the unit that ``harness.cli merge``
+  combines (written atomically: a temporary file renamed into place);
 * ``logs/<id>.log`` — pip and pytest output; ``results/<id>.jsonl`` — the plugin's stream of check events.
 """
 
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,12 +27,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from packaging.version import InvalidVersion, Version
+
 from harness import envs
 from harness.matrix import CellSpec, Matrix, ResolveError, VersionSource, resolve_cell
+from harness.records import UNEXPECTED, RecordError, cell_record, cell_status, check_record, validate_check
 
 ROOT = envs.ROOT
 CELLS_ENVS_DIR = envs.ENVS_DIR / "cells"
-UNEXPECTED = ("fail", "xpass")
 LOG_TAIL_LINES = 40
 
 BuildEnv = Callable[..., envs.CellEnv]
@@ -141,29 +146,49 @@ def _now() -> str:
 
 
 def read_results(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str | None, dict[str, Any] | None]:
-    """Parse a plugin stream: (checks, session event, node id running when the stream ended, finish event)."""
-    checks, session, finish, running = [], None, None, None
+    """Parse a plugin stream: (checks, session event, node id running when the stream ended, finish event).
+
+    A line cut by a crash mid-write is skipped (the crash itself is reported from the exit status); a complete line
+    that is not a valid check record becomes a ``fail`` check naming the line and the fault.
+    """
+    checks: list[dict[str, Any]] = []
+    session = finish = running = None
     if not path.exists():
         return checks, session, running, finish
-    for line in path.read_text().splitlines():
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             ev = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by a crash mid-write; the crash itself is reported from the exit status
-        kind = ev.pop("event", None)
+            continue
+        kind = ev.pop("event", None) if isinstance(ev, dict) else None
         if kind == "check":
-            checks.append(ev)
-            if ev.get("node_id") == running:
+            try:
+                checks.append(validate_check(ev, f"{path.name}:{lineno}"))
+            except RecordError as exc:
+                checks.append(check_record(name="malformed_check_record", status="fail", node_id=f"{path}:{lineno}",
+                                           message=f"the results stream has a malformed check record: {exc}"))
+                continue
+            if checks[-1]["node_id"] == running:
                 running = None
-        elif kind == "start":
+        elif kind == "start" and isinstance(ev.get("node_id"), str):
             running = ev["node_id"]
         elif kind == "session":
             session = ev
         elif kind == "finish":
             finish = ev
     return checks, session, running, finish
+
+
+def same_version(a: str | None, b: str | None) -> bool:
+    """Equal as PEP 440 versions (``5.0`` == ``5.0.0``); strings that are no version compare as strings."""
+    if a is None or b is None:
+        return a == b
+    try:
+        return Version(a) == Version(b)
+    except InvalidVersion:
+        return a == b
 
 
 def _signal_name(rc: int) -> str:
@@ -212,10 +237,6 @@ def _wait_with_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int | Non
     return (None if timed_out else proc.returncode), round(usage.ru_utime + usage.ru_stime, 2)
 
 
-def cell_status(checks: list[dict[str, Any]]) -> str:
-    return "fail" if any(c["status"] in UNEXPECTED for c in checks) else "pass"
-
-
 def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: Path, opts: RunOptions,
              build_env: BuildEnv = envs.ensure_env, progress: Progress | None = None) -> dict[str, Any]:
     """Run one cell through all phases and write ``run_dir/cells/<id>.json``; returns the record."""
@@ -226,13 +247,8 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     results = run_dir / "results" / f"{cell.id}.jsonl"
     for stale in (log, results):
         stale.unlink(missing_ok=True)
-    rec: dict[str, Any] = {
-        "id": cell.id, "matrix": matrix.name, "specs": dict(cell.specs), "axis_ids": dict(cell.axis_ids),
-        "resolved": {}, "status": "error", "message": "", "started": _now(), "finished": None, "duration_s": 0.0,
-        "phases": {}, "venv": None, "venv_bytes": None, "venv_reused": None, "freeze": [], "installed": {},
-        "checks": [], "known": [], "known_unused": [], "pytest_exit": None, "log": str(log), "log_tail": "",
-        "host": opts.host,
-    }
+    rec = cell_record(id=cell.id, status="error", matrix=matrix.name, specs=dict(cell.specs),
+                      axis_ids=dict(cell.axis_ids), started=_now(), log=str(log), host=opts.host)
     t0 = time.monotonic()
 
     def finish(status: str, message: str = "") -> dict[str, Any]:
@@ -240,32 +256,57 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         rec["finished"], rec["duration_s"] = _now(), round(time.monotonic() - t0, 2)
         if status == "error":
             rec["log_tail"] = _tail(log)
-        (run_dir / "cells" / f"{cell.id}.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
-        progress.done(cell.id, status, rec["duration_s"], message)
-        return rec
+        out = cell_record(**rec)
+        target = run_dir / "cells" / f"{cell.id}.json"
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(out, indent=1, default=str) + "\n")
+        os.replace(tmp, target)
+        progress.done(cell.id, status, out["duration_s"], message)
+        return out
+
+    try:
+        return _phases(matrix, cell, rec, finish, source=source, opts=opts, build_env=build_env, progress=progress,
+                       log=log, results=results)
+    except Exception as exc:  # noqa: BLE001 - not swallowed: recorded as this cell's `error` (fails the gate)
+        # A bug or an unforeseen failure (disk, permissions) in one cell must not lose the other cells' results.
+        with log.open("a") as f:
+            f.write("harness error:\n" + traceback.format_exc())
+        return finish("error", f"harness error in this cell: {type(exc).__name__}: {exc}")
+
+
+def _phases(matrix: Matrix, cell: CellSpec, rec: dict[str, Any], finish: Callable[..., dict[str, Any]], *,
+            source: VersionSource, opts: RunOptions, build_env: BuildEnv, progress: Progress, log: Path,
+            results: Path) -> dict[str, Any]:
+    """resolve -> install -> probe -> test; every outcome goes through ``finish(status, message)``."""
+    t_start = time.monotonic()
 
     def timed(phase: str, start: float) -> None:
         rec["phases"][phase] = round(time.monotonic() - start, 2)
 
     # -- resolve
     progress.phase(cell.id, "resolve")
-    ts = time.monotonic()
     try:
         res = resolve_cell(cell, source)
     except ResolveError as exc:
-        timed("resolve", ts)
+        timed("resolve", t_start)
         return finish("error", f"resolve failed: {exc}")
-    timed("resolve", ts)
+    timed("resolve", t_start)
     rec["resolved"] = dict(res.resolved)
     if not res.ok:
         return finish("unreleased", "; ".join(res.unreleased.values()))
+    axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes]
+    unpinned = [p for p in axis_pkgs if p not in res.resolved]
+    if unpinned:
+        values = {p: cell.axis_values.get(p) for p in unpinned}
+        return finish("error", f"axis package(s) {unpinned} were not resolved to a version (axis values: {values}); "
+                               f"installing the cell without them would test whatever version pip picks")
 
     # -- install
     reqs = res.requirements()
     reused = envs.is_current(cell.id, reqs, envs_dir=opts.envs_dir)
     progress.phase(cell.id, "install", "reusing cached venv" if reused else " ".join(reqs))
     ts = time.monotonic()
-    install_timeout = opts.install_timeout_s or matrix.install_timeout_s
+    install_timeout = matrix.install_timeout_s if opts.install_timeout_s is None else opts.install_timeout_s
     try:
         env = build_env(cell.id, reqs, log=log, envs_dir=opts.envs_dir, timeout=install_timeout)
     except envs.EnvError as exc:
@@ -294,16 +335,14 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
     env_vars.pop("MOE_COMPAT_RESULTS", None)
     env_vars.setdefault("HYPOTHESIS_PROFILE", "ci")
     env_vars.setdefault("OMP_NUM_THREADS", threads)
-    axis_pkgs = [pkg for pkg, _prefix, _values in matrix.axes]
     dists = sorted({*res.resolved, "torch", "bitsandbytes"})
     # A probe result is cached in the venv: same pins, same base, same packages asked -> same answer.
     probe_key = json.dumps({"venv": envs.requirements_key(reqs), "dists": dists, "mods": axis_pkgs,
                             "env": opts.env}, sort_keys=True)
     probe_file = env.path / ".moe-compat-probe.json"
-    cached = json.loads(probe_file.read_text()) if reused and probe_file.exists() else {}
-    if cached.get("key") == probe_key:
+    probe = _cached_probe(probe_file, probe_key) if reused else None
+    if probe is not None:
         progress.phase(cell.id, "probe", "cached")
-        probe = cached["probe"]
     else:
         progress.phase(cell.id, "probe")
         try:
@@ -319,7 +358,8 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
         probe = json.loads(line[len("MOE_PROBE "):])
         probe_file.write_text(json.dumps({"key": probe_key, "probe": probe}))
     rec["installed"] = probe["versions"]
-    mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items() if probe["versions"].get(p) != v}
+    mismatched = {p: (v, probe["versions"].get(p)) for p, v in res.resolved.items()
+                  if not same_version(probe["versions"].get(p), v)}
     if mismatched:
         return finish("error", "installed versions differ from the resolved ones: "
                       + ", ".join(f"{p} resolved {a} installed {b}" for p, (a, b) in mismatched.items()))
@@ -333,18 +373,17 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
                                      f"Confirmed: {errors}")
         return finish("error", f"incompatible packages ({versions}): {errors}")
     if incompatible is not None:
-        extra_checks.append({
-            "name": "known_incompatible", "family": None, "variant": None, "status": "xpass", "metrics": {},
-            "threshold": {}, "plots": [], "node_id": "matrix::incompatible", "duration_s": 0.0, "details": "",
-            "message": f"stale [[incompatible]] entry: every package imports fine ({incompatible.link}): "
-                       f"{incompatible.reason}"})
+        extra_checks.append(check_record(
+            name="known_incompatible", status="xpass", node_id="matrix::incompatible",
+            message=f"stale [[incompatible]] entry: every package imports fine ({incompatible.link}): "
+                    f"{incompatible.reason}"))
 
     # -- test
     tests = list(opts.tests if opts.tests is not None else matrix.tests)
     cmd = [str(env.python), "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
-           "--moe-results", str(results), "-rfEX", "--continue-on-collection-errors", *matrix.pytest_args, *(["--quick"] if opts.quick else []),
-           *opts.pytest_args, *tests]
-    timeout = opts.timeout_s or matrix.timeout_s
+           "--moe-results", str(results), "-rfEX", "--continue-on-collection-errors", *matrix.pytest_args,
+           *(["--quick"] if opts.quick else []), *opts.pytest_args, *tests]
+    timeout = matrix.timeout_s if opts.timeout_s is None else opts.timeout_s
     progress.phase(cell.id, "test", " ".join(tests))
     ts = time.monotonic()
     with log.open("a") as f:
@@ -373,20 +412,37 @@ def run_cell(matrix: Matrix, cell: CellSpec, *, source: VersionSource, run_dir: 
                  else f"crashed ({_signal_name(rc)})" if rc < 0
                  else f"pytest exited {rc} without finishing its session")
         if running is not None:
-            rec["checks"].append({
-                "name": running.split("::")[-1].split("[")[0].removeprefix("test_"), "family": None,
-                "variant": None, "status": "fail", "metrics": {}, "threshold": {}, "plots": [], "details": "",
-                "node_id": running, "duration_s": 0.0, "message": f"the test process {cause} while this test ran"})
+            rec["checks"].append(check_record(
+                name=running.split("::")[-1].split("[")[0].removeprefix("test_"), status="fail", node_id=running,
+                message=f"the test process {cause} while this test ran"))
         return finish("error", f"test phase {cause}" + (f" while running {running}" if running else ""))
     if rc not in (0, 1, 5):
         return finish("error", f"pytest exited {rc} ({'interrupted' if rc == 2 else 'internal/usage error'})")
-    if rc == 5 or not rec["checks"]:
-        return finish("skipped", f"no tests collected in {' '.join(tests)}")
+    if rc == 5 or not checks:
+        # A cell that tests nothing is not a pass: every module skipped at import (a missing package), a -k that
+        # matches nothing, or an empty test path.
+        args = " ".join([*matrix.pytest_args, *opts.pytest_args])
+        return finish("error", f"no tests collected (pytest exit {rc}) in {' '.join(tests)}"
+                      + (f" with {args}" if args else ""))
     status = cell_status(rec["checks"])
     bad = [c for c in rec["checks"] if c["status"] in UNEXPECTED]
     names = list(dict.fromkeys(c["name"] for c in bad))
     return finish(status, f"{len(bad)} unexpected result(s) in {len(names)} check(s): " + ", ".join(names[:8])
                   + (", ..." if len(names) > 8 else "") if bad else "")
+
+
+def _cached_probe(probe_file: Path, key: str) -> dict[str, Any] | None:
+    """The probe result cached in a reused venv for exactly ``key``; None when absent, stale or unreadable."""
+    try:
+        cached = json.loads(probe_file.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a cut write (interrupted run): probe again, the result overwrites the file
+    if not isinstance(cached, dict) or cached.get("key") != key or not isinstance(cached.get("probe"), dict):
+        return None
+    probe = cached["probe"]
+    return probe if {"versions", "import_errors"} <= probe.keys() else None
 
 
 def run_cells(matrix: Matrix, cells: list[CellSpec], *, source: VersionSource, run_dir: Path, opts: RunOptions,

@@ -8,7 +8,8 @@ Public entry points (one per concern):
 - forward:  `QuantizedExperts` (the module swapped in), `FP8Linear` (4.57 ModuleList FP8 experts),
             `register_backend` / `Backend` (grouped GEMM backends);
 - PEFT:     `install_peft_hooks()` (done by `quantize_experts`), `save_adapter(peft_model, dir)`,
-            `load_adapter(model, dir)` (``PeftModel.from_pretrained`` + ``moe_compat.json`` orientation check).
+            `load_adapter(model, dir)` (``PeftModel.from_pretrained`` + orientation decided and checked as the merge
+            does, with or without ``moe_compat.json``).
 
 Submodules are imported lazily so `import impl` does not import transformers, PEFT or bitsandbytes.
 """

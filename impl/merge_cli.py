@@ -4,7 +4,9 @@
                      [--overwrite] [--quiet]
     python -m impl.merge_cli ...
 
-Exit status: 0 on success, 2 on a merge/checkpoint/adapter error (message on stderr, no output dir left behind).
+Exit status: 0 on success; 2 on a usage, merge, checkpoint, adapter, orientation or I/O error, reported as one line
+on stderr (``moe-compat-merge: error: <ErrorName>: <cause>``) with no output dir left behind. Any other exception is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from impl.checkpoint import CheckpointError
 from impl.merge import MERGED_16BIT, METHODS, MergeError, merge_adapter
+from reference.layout import LayoutError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -40,8 +43,15 @@ def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
     return bool(getattr(libc, "mallopt", None) and libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit 2, like every other error of this command)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: UsageError: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="moe-compat-merge",
         description="Merge a PEFT LoRA adapter (target_parameters experts LoRA and target_modules LoRA) into a "
         "safetensors checkpoint (bf16 or FP8 base) and write a new checkpoint that plain transformers loads.",
@@ -69,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    except (MergeError, CheckpointError) as err:
-        print(f"moe-compat-merge: error: {type(err).__name__}: {err}", file=sys.stderr)
+    except (MergeError, CheckpointError, LayoutError, OSError) as err:
+        one_line = " ".join(str(err).split())
+        print(f"moe-compat-merge: error: {type(err).__name__}: {one_line}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(report), indent=2))
     return 0

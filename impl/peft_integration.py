@@ -19,7 +19,9 @@ PEFT's original code):
 If PEFT's parametrization path is reached anyway (hooks not installed), `impl.forward.experts_forward` raises.
 
 `save_adapter` writes PEFT's adapter plus ``moe_compat.json`` (lora_B convention, per-target orientation and shapes,
-versions); `load_adapter` reloads with ``PeftModel.from_pretrained`` and checks the live orientation against it.
+versions); `load_adapter` decides the file's orientation as the merge does (sidecar or not: `describe_adapter_dir`),
+converts it if this PEFT uses the other one, reloads with ``PeftModel.from_pretrained`` and checks the live
+orientation against the description.
 """
 
 from __future__ import annotations
@@ -27,10 +29,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from impl.adapter_dir import (
+    ADAPTER_CONFIG,
+    EXPERT_PARAMS,
+    assign_expert_params,
+    expert_orientation,
+    read_adapter,
+    read_adapter_config,
+)
 from impl.forward import LoraSpec
 from impl.fp8_linear import FP8Linear
 from impl.quant_experts import (
@@ -43,11 +54,18 @@ from impl.quant_experts import (
     QuantizedExperts,
     QuantizedExpertsError,
 )
-from reference.layout import LayoutError, Orientation, detect_orientation, parse_version, peft_swaps
+from impl.sidecar import SIDECAR, SIDECAR_FORMAT, read_sidecar, write_sidecar
+from reference.layout import (
+    FUSED_LINEAR,
+    GPT_OSS,
+    LayoutError,
+    Orientation,
+    decide_orientation,
+    parse_version,
+    peft_swaps,
+)
 from reference.lora import STRIDE_E, delta_weight
 
-SIDECAR = "moe_compat.json"
-SIDECAR_FORMAT = 1
 _MARK = "_moe_compat_hook"
 
 
@@ -115,30 +133,30 @@ def install() -> bool:
 # --- orientation ------------------------------------------------------------------------------------------------
 
 
-def wrapper_did_swap(wrapper) -> bool | None:
-    """The live swap flag: PEFT >= 0.19 ``_did_swap_in_out_features``; transformers 5.0-5.3's patch sets
-    ``_swapped_in_out``; PEFT 0.17/0.18 have neither (None: the version rule decides)."""
+def wrapper_did_swap(wrapper) -> bool:
+    """The live swap flag: PEFT >= 0.19 sets ``_did_swap_in_out_features``, transformers 5.0-5.3's patch sets
+    ``_swapped_in_out``, 5.4-5.12's patch sets the former. PEFT 0.17/0.18 have no swap logic, so with neither
+    attribute the wrapper did not swap (False)."""
     if getattr(wrapper, "_swapped_in_out", False):
         return True
-    return getattr(wrapper, "_did_swap_in_out_features", None)
+    return bool(getattr(wrapper, "_did_swap_in_out_features", False))
 
 
 def wrapper_orientation(wrapper, adapter: str) -> Orientation:
-    """Orientation of ``adapter``'s factors on ``wrapper`` (PEFT ParamWrapper over a QuantizedExperts)."""
+    """Orientation of ``adapter``'s factors on ``wrapper`` (PEFT ParamWrapper over a QuantizedExperts):
+    `reference.layout.decide_orientation` from the shapes, the live swap flag and the running PEFT's rule with the
+    module's ``is_transposed`` (the rule set aside on transformers 5.0-5.12, whose patch may force the swap)."""
+    import transformers
+
     base = wrapper.get_base_layer()
-    carrier = getattr(base, wrapper.parameter_name)
-    A = wrapper.lora_A[adapter].weight
-    B = wrapper.lora_B[adapter].weight
-    try:
-        d = detect_orientation(
-            carrier.shape, A.shape, B.shape, wrapper.num_experts, did_swap=wrapper_did_swap(wrapper),
-            is_transposed=base.is_transposed, peft_version=_peft_version(),
-        )  # fmt: skip
-    except LayoutError as e:
-        raise LayoutError(f"{wrapper.parameter_name} adapter {adapter!r} (PEFT {_peft_version()}): {e}") from e
-    if d.orientation is Orientation.UNKNOWN:
-        raise LayoutError(f"{wrapper.parameter_name} adapter {adapter!r} (PEFT {_peft_version()}): {d.reason}")
-    return d.orientation
+    return decide_orientation(
+        getattr(base, wrapper.parameter_name).shape, wrapper.lora_A[adapter].weight.shape,
+        wrapper.lora_B[adapter].weight.shape, wrapper.num_experts,
+        param=f"{wrapper.parameter_name} of adapter {adapter!r} (PEFT {_peft_version()})",
+        layout=GPT_OSS if base.is_transposed else FUSED_LINEAR, did_swap=wrapper_did_swap(wrapper),
+        is_transposed=bool(base.is_transposed), peft_version=_peft_version(),
+        transformers_version=transformers.__version__,
+    ).orientation  # fmt: skip
 
 
 def _specs(wrapper, adapters) -> list[LoraSpec]:
@@ -284,9 +302,59 @@ def save_adapter(peft_model, save_directory: str, **kwargs) -> dict:
     """``peft_model.save_pretrained(save_directory, **kwargs)`` plus ``moe_compat.json``; returns the sidecar dict."""
     peft_model.save_pretrained(save_directory, **kwargs)
     info = describe_adapters(peft_model)
-    with open(os.path.join(save_directory, SIDECAR), "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
+    write_sidecar(save_directory, info)
     return info
+
+
+def describe_adapter_dir(model, adapter_dir: str) -> dict:
+    """The format-1 sidecar describing the adapter *file* in ``adapter_dir`` for ``model`` (not yet PEFT-wrapped).
+
+    For every LoRA on a QuantizedExperts module of ``model``: which parameter each nesting level is and its
+    orientation, decided by `impl.adapter_dir.expert_orientation` from everything the directory offers (factor
+    shapes, the sibling parameter, ``moe_compat.json`` if present, adapter_config's ``peft_version``), exactly as
+    the merge decides. Works for plain PEFT saves (no sidecar). Raises OrientationError where the sources disagree
+    or a square parameter is undecidable, AdapterError for an unreadable directory. Other modules are left to PEFT.
+    """
+    adapter = read_adapter(adapter_dir, merge=False)
+    side = adapter.sidecar
+    targets = {}
+    for module, levels in sorted(adapter.modules.items()):
+        experts = _experts_module(model, module)
+        if experts is None:
+            continue
+        shapes = {p: tuple(getattr(experts, p).shape) for p in EXPERT_PARAMS}
+        E = shapes[EXPERT_PARAMS[0]][0]
+        layout = GPT_OSS if experts.is_transposed else FUSED_LINEAR
+        assigned = assign_expert_params(adapter, module, levels, shapes, E, f"{module} in {type(model).__name__}")
+        for param, (ka, kb) in assigned.items():
+            d = expert_orientation(adapter, module, param, assigned, shapes, E, layout=layout)
+            depth = next(depth for depth, pair in levels.items() if pair == (ka, kb))
+            recorded = side.target(module, param) if side else None
+            targets[f"base_model.model.{module}{'.base_layer' * depth}:{param}"] = dict(
+                orientation=d.orientation.value,
+                lora_A_shape=list(adapter.shapes[ka]),
+                lora_B_shape=list(adapter.shapes[kb]),
+                param_shape=list(shapes[param]),
+                num_experts=E,
+                is_transposed=recorded.is_transposed if recorded else None,  # the saver's: unknown without a sidecar
+                kind=experts.kind,
+                decided_by=list(d.decided_by),
+            )
+    return dict(
+        format=SIDECAR_FORMAT,
+        lora_B_convention=adapter.convention,
+        peft_version=adapter.peft_version or (side.peft_version if side else None),
+        transformers_version=side.transformers_version if side else None,
+        adapters={"default": targets},
+    )
+
+
+def _experts_module(model, module: str) -> QuantizedExperts | None:
+    try:
+        m = model.get_submodule(module)
+    except AttributeError:
+        return None
+    return m if isinstance(m, QuantizedExperts) else None
 
 
 def check_sidecar(model, saved: dict, adapter_name: str = "default", saved_adapter: str = "default") -> None:
@@ -304,16 +372,25 @@ def check_sidecar(model, saved: dict, adapter_name: str = "default", saved_adapt
         for field in ("orientation", "lora_A_shape", "lora_B_shape", "param_shape"):
             if live[field] != w[field]:
                 raise LayoutError(
-                    f"{key}: {field} saved as {w[field]} (PEFT {saved['peft_version']}, transformers "
-                    f"{saved['transformers_version']}) but loaded as {live[field]} (PEFT {_peft_version()}); "
+                    f"{key}: {field} saved as {w[field]} (PEFT {saved.get('peft_version')}, transformers "
+                    f"{saved.get('transformers_version')}) but loaded as {live[field]} (PEFT {_peft_version()}); "
                     "the adapter would be applied transposed. Convert it with reference.lora.convert_adapter."
                 )
 
 
-def expected_orientation(entry: dict) -> Orientation:
-    """The orientation this process's PEFT gives a target described by a sidecar entry (`peft_swaps` rule)."""
-    swapped = peft_swaps(_peft_version(), len(entry["param_shape"]), entry["is_transposed"])
+def expected_orientation(param_ndim: int, is_transposed: bool) -> Orientation:
+    """The orientation this process's PEFT gives a parameter of a module with ``is_transposed`` (`peft_swaps`)."""
+    swapped = peft_swaps(_peft_version(), param_ndim, is_transposed)
     return Orientation.SWAPPED if swapped else Orientation.STANDARD
+
+
+def _live_orientations(model, described: dict) -> dict[str, Orientation]:
+    """Per described target, the orientation PEFT will give it in this process (the live module's is_transposed)."""
+    out = {}
+    for target, e in described["adapters"]["default"].items():
+        module = target.rsplit(":", 1)[0].removeprefix("base_model.model.").replace(".base_layer", "")
+        out[target] = expected_orientation(len(e["param_shape"]), bool(model.get_submodule(module).is_transposed))
+    return out
 
 
 def _state_key(target: str, which: str) -> str:
@@ -322,25 +399,26 @@ def _state_key(target: str, which: str) -> str:
     return f"{path}.{which}.weight"
 
 
-def convert_adapter_dir(adapter_dir: str, saved: dict, out_dir: str, saved_adapter: str = "default") -> dict:
-    """Write to ``out_dir`` a copy of ``adapter_dir`` whose factors are re-expressed in this PEFT's orientation.
+def convert_adapter_dir(adapter_dir: str, saved: dict, out_dir: str, want: dict[str, Orientation]) -> dict:
+    """Write to ``out_dir`` a copy of ``adapter_dir`` whose factors are re-expressed in the orientations ``want``
+    (``{target: orientation}``, targets of ``saved["adapters"]["default"]``).
 
-    Each target whose sidecar orientation differs from `expected_orientation` is converted exactly (a transpose of the
-    per-expert factors, `reference.lora.convert_adapter`, stride-E kept). The file's tensor shapes must equal the
-    sidecar's, else LayoutError (the sidecar does not describe the file). Returns the updated sidecar.
+    Each target whose recorded orientation differs is converted exactly (a transpose of the per-expert factors,
+    `reference.lora.convert_adapter`, stride-E kept). The file's tensor shapes must equal the description's, else
+    LayoutError. The copy's adapter_config.json and sidecar name this process's PEFT / transformers versions (the
+    file now has their orientation), so its orientation sources agree. Returns the copy's sidecar.
     """
     import shutil
 
+    import transformers
     from safetensors.torch import load_file, save_file
 
     from reference.lora import convert_adapter
 
     weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights} missing (only safetensors adapters can be converted)")
     sd = load_file(weights)
     new = json.loads(json.dumps(saved))
-    for target, entry in saved["adapters"][saved_adapter].items():
+    for target, entry in saved["adapters"]["default"].items():
         kA, kB = _state_key(target, "lora_A"), _state_key(target, "lora_B")
         if kA not in sd or kB not in sd:
             raise LayoutError(f"{target}: keys {kA} / {kB} not in {weights}")
@@ -351,60 +429,63 @@ def convert_adapter_dir(adapter_dir: str, saved: dict, out_dir: str, saved_adapt
                 f"({entry['orientation']}) but the file holds {list(A.shape)}, {list(B.shape)}: the sidecar does not "
                 "describe this adapter, which would be applied transposed"
             )
-        want = expected_orientation(entry)
-        if Orientation(entry["orientation"]) is not want:
+        upd = new["adapters"]["default"][target]
+        if Orientation(entry["orientation"]) is not want[target]:
             sd[kA], sd[kB] = convert_adapter(A, B, entry["num_experts"], src_orientation=entry["orientation"],
-                                             dst_orientation=want, src_convention=saved["lora_B_convention"],
+                                             dst_orientation=want[target], src_convention=saved["lora_B_convention"],
                                              dst_convention=STRIDE_E)  # fmt: skip
-            upd = new["adapters"][saved_adapter][target]
-            upd.update(orientation=want.value, lora_A_shape=list(sd[kA].shape), lora_B_shape=list(sd[kB].shape))
+            upd.update(orientation=want[target].value, lora_A_shape=list(sd[kA].shape), lora_B_shape=list(sd[kB].shape))
+        upd["is_transposed"] = None  # the converted file was not saved by a PEFT that saw the module
+    new.update(lora_B_convention=STRIDE_E, peft_version=_peft_version(), transformers_version=transformers.__version__)
+    new["converted_from"] = {k: saved.get(k) for k in ("peft_version", "transformers_version")}
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(adapter_dir):
         src = os.path.join(adapter_dir, name)
-        if os.path.isfile(src) and name not in ("adapter_model.safetensors", SIDECAR):
+        if os.path.isfile(src) and name not in ("adapter_model.safetensors", SIDECAR, ADAPTER_CONFIG):
             shutil.copy(src, out_dir)
+    config = read_adapter_config(Path(adapter_dir))
+    config["peft_version"] = _peft_version()
+    Path(out_dir, ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(sd, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, SIDECAR), "w") as f:
-        json.dump(new, f, indent=2, sort_keys=True)
+    write_sidecar(out_dir, new)
     return new
 
 
-def load_adapter(model, adapter_dir: str, adapter_name: str = "default", *, convert: bool = True, **kwargs):
-    """``PeftModel.from_pretrained(model, adapter_dir, ...)`` checked against ``moe_compat.json`` (required).
+def load_adapter(model, adapter_dir: str, adapter_name: str = "default", *, convert: bool = True,
+                 write_sidecar_if_missing: bool = False, **kwargs):  # fmt: skip
+    """``PeftModel.from_pretrained(model, adapter_dir, ...)`` with the expert LoRA orientation checked.
 
-    An adapter saved by a PEFT version with the other orientation (0.18 vs 0.19.1+, or 0.19.0 on GPT-OSS) is converted
-    exactly first (``convert=True``; ``False`` raises LayoutError instead). PEFT alone would raise a size mismatch for
-    non-square experts and silently apply a transposed delta for square ones.
+    The orientation of every expert target in the file is decided as the merge decides it (`describe_adapter_dir`:
+    shapes, the sibling parameter, ``moe_compat.json`` when present, ``peft_version``); contradicting sources or an
+    undecidable square target raise OrientationError. Plain PEFT saves (no sidecar) load too;
+    ``write_sidecar_if_missing=True`` then writes the decided description as ``adapter_dir/moe_compat.json``.
+    A file in another orientation than this PEFT gives (0.18 vs 0.19.1+, or 0.19.0 on GPT-OSS) is converted exactly
+    first (``convert=True``; ``False`` raises LayoutError instead): PEFT alone would raise a size mismatch for
+    non-square experts and silently apply a transposed delta for square ones. After loading, the live wrappers'
+    orientation and shapes must equal the description (`check_sidecar`).
     """
     import tempfile
 
     from peft import PeftModel
 
-    path = os.path.join(adapter_dir, SIDECAR)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} missing: the adapter was not saved with impl.save_adapter")
-    with open(path) as f:
-        saved = json.load(f)
     install()
-    entries = saved["adapters"].get("default", {})
-    for target, e in entries.items():
-        d = detect_orientation(e["param_shape"], e["lora_A_shape"], e["lora_B_shape"], e["num_experts"],
-                               refuse_ambiguous=False)  # fmt: skip
-        if not d.ambiguous and d.orientation.value != e["orientation"]:
-            raise LayoutError(f"{target}: sidecar orientation {e['orientation']!r} contradicts its shapes ({d.reason})")
-    stale = [t for t, e in entries.items() if Orientation(e["orientation"]) is not expected_orientation(e)]
+    described = describe_adapter_dir(model, adapter_dir)
+    if write_sidecar_if_missing and read_sidecar(adapter_dir) is None:
+        write_sidecar(adapter_dir, described)
+    want = _live_orientations(model, described)
+    stale = [t for t, e in described["adapters"]["default"].items() if Orientation(e["orientation"]) is not want[t]]
     with tempfile.TemporaryDirectory() as tmp:
         if stale:
             if not convert:
                 raise LayoutError(
-                    f"adapter saved with PEFT {saved['peft_version']} in another orientation than PEFT "
+                    f"adapter saved with PEFT {described.get('peft_version')} in another orientation than PEFT "
                     f"{_peft_version()} uses for {stale}; load with convert=True"
                 )
-            saved = convert_adapter_dir(adapter_dir, saved, tmp)
+            described = convert_adapter_dir(adapter_dir, described, tmp, want)
             adapter_dir = tmp
         with _skip_broken_v4_conversion(adapter_dir):
             peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, **kwargs)
-    check_sidecar(peft_model, saved, adapter_name)
+    check_sidecar(peft_model, described, adapter_name)
     return peft_model
 
 

@@ -9,8 +9,21 @@ A 3-D expert parameter is ``P [E, d1, d2]``. PEFT's ``ParamWrapper`` stores ``lo
 When ``d1 == d2`` (``2I == H`` for gate_up, ``I == H`` for down) both orientations give valid shapes: the layout is
 *ambiguous* from the shapes and only a hint (the live swap flag, or the PEFT version plus ``is_transposed``) decides.
 
-This module is the one place that states the per-version swap rule (`peft_swaps`) and the 2I == H tie-break
-(`detect_orientation`). Imports only the standard library.
+Sources of evidence about the orientation, all combined by `decide_orientation` (the one place that decides it; the
+merge, the live loader and the subject interface call it):
+
+- the parameter's own shapes (decisive unless ``d1 == d2``);
+- the *sibling*: the other 3-D parameter of the same experts module with its factors. PEFT decides the swap once per
+  experts module (the same ``ndim`` and ``is_transposed`` for both parameters; transformers' 5.0–5.12 patch swaps
+  both names), so a non-square sibling fixes the orientation of a square parameter;
+- the live swap flag (``_did_swap_in_out_features``, or transformers 5.0–5.3's ``_swapped_in_out``);
+- a recorded orientation (the ``moe_compat.json`` sidecar);
+- the PEFT version's rule (`peft_swaps`) with ``is_transposed`` (unknown for ``(E, in, out)`` experts unless given:
+  True for GPT-OSS on transformers 5.x, absent on 4.57 and for Llama4); set aside on transformers 5.0–5.12, whose
+  ``load_adapter`` patch may force the swap whatever the version.
+
+Every source that speaks must name the same orientation, else `LayoutError` naming the module, the parameter and the
+sources. This module also states the per-version swap rule (`peft_swaps`). Imports only the standard library.
 """
 
 from __future__ import annotations
@@ -67,6 +80,9 @@ _VERSION_RE = re.compile(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?(?:\.(\d+))?(?P<rest>[^
 _SWAP_ADDED = (0, 19, 0)  # PR #3083: swap iff is_transposed
 _SWAP_INVERTED = (0, 19, 1)  # PR #3165: swap iff ndim == 3 and not is_transposed
 _PARAM_WRAPPER_ADDED = (0, 17, 0)  # PR #2638: target_parameters / ParamWrapper
+# transformers' `patch_moe_parameter_targeting` (run by its load_adapter) swaps gate_up_proj/down_proj whatever PEFT's
+# rule says: 5.0.0 through 5.12.x; removed in 5.13.0 (peft.md §2.4). Dev builds of 5.0.0 and 5.13.0 count as inside.
+_TRANSFORMERS_SWAP_PATCH = ((5, 0, 0), (5, 13, 0))
 
 
 def parse_version(version: str) -> tuple[tuple[int, int, int], bool]:
@@ -115,6 +131,14 @@ def peft_swaps(peft_version: str, param_ndim: int, is_transposed: bool | None) -
     return param_ndim == 3 and not transposed
 
 
+def transformers_may_force_swap(transformers_version: str) -> bool:
+    """Whether transformers ``transformers_version`` has the ``load_adapter`` patch that swaps in/out of every later
+    ``gate_up_proj`` / ``down_proj`` ParamWrapper in the process regardless of PEFT's rule (5.0.0 – 5.12.x)."""
+    release, pre = parse_version(transformers_version)
+    lo, hi = _TRANSFORMERS_SWAP_PATCH
+    return lo <= release < hi or (pre and release == hi)
+
+
 # --- orientation detection --------------------------------------------------------------------------------------
 
 
@@ -123,6 +147,190 @@ def _shape(name: str, shape: Sequence[int], ndim: int) -> tuple[int, ...]:
     if len(t) != ndim:
         raise LayoutError(f"{name} must be {ndim}-D, got shape {t}")
     return t
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """Which orientations ``lora_A [r·E, a]``, ``lora_B [b, r·E]`` fit on ``P [E, d1, d2]``; ``problem`` says why none."""
+
+    fits: tuple[Orientation, ...]
+    rank: int | None
+    shapes: str
+    problem: str | None
+
+
+def _fit(param_shape, lora_A_shape, lora_B_shape, num_experts) -> _Fit:
+    E = int(num_experts)
+    if E < 1:
+        raise LayoutError(f"num_experts must be >= 1, got {num_experts}")
+    pE, d1, d2 = _shape("param", param_shape, 3)
+    rEa, a = _shape("lora_A", lora_A_shape, 2)
+    b, rEb = _shape("lora_B", lora_B_shape, 2)
+    shapes = f"param {(pE, d1, d2)}, lora_A {(rEa, a)}, lora_B {(b, rEb)}, E={E}"
+    if pE != E:
+        return _Fit((), None, shapes, f"param dim 0 is not E: {shapes}")
+    if rEa != rEb or rEa < E or rEa % E != 0:
+        return _Fit((), None, shapes, f"lora_A rows / lora_B cols are not equal multiples r·E: {shapes}")
+    fits = tuple(o for o, ab in ((Orientation.STANDARD, (d1, d2)), (Orientation.SWAPPED, (d2, d1))) if (a, b) == ab)
+    problem = None if fits else f"neither (a, b) == (d1, d2) nor (d2, d1): {shapes}"
+    return _Fit(fits, rEa // E, shapes, problem)
+
+
+@dataclass(frozen=True)
+class SiblingFactors:
+    """The other 3-D parameter of the same experts module and its LoRA factors (e.g. ``down_proj`` for
+    ``gate_up_proj``): ``param_shape [E, d1, d2]``, ``lora_A_shape [r·E, a]``, ``lora_B_shape [b, r·E]``."""
+
+    param: str
+    param_shape: Sequence[int]
+    lora_A_shape: Sequence[int]
+    lora_B_shape: Sequence[int]
+
+
+@dataclass(frozen=True)
+class OrientationDecision:
+    """Result of `decide_orientation`.
+
+    orientation: STANDARD or SWAPPED (an undecidable or contradicted case raises instead).
+    rank: the per-expert rank r (``lora_A.shape[0] // E``).
+    ambiguous: the parameter's own shapes fit both orientations (d1 == d2).
+    decided_by: the sources that named the orientation, all agreeing, in the order "shapes", "sibling", "did_swap",
+      the recorded source (e.g. "sidecar"), "peft_version".
+    not_used: sources that were given but say nothing, each with why ("peft_version: ... depends on is_transposed").
+    reason: one sentence naming what decided and the shapes.
+    """
+
+    orientation: Orientation
+    rank: int
+    ambiguous: bool
+    decided_by: tuple[str, ...]
+    not_used: tuple[str, ...]
+    reason: str
+
+
+def decide_orientation(
+    param_shape: Sequence[int],
+    lora_A_shape: Sequence[int],
+    lora_B_shape: Sequence[int],
+    num_experts: int,
+    *,
+    module: str | None = None,
+    param: str | None = None,
+    layout: str | None = None,
+    sibling: SiblingFactors | None = None,
+    did_swap: bool | None = None,
+    recorded: Orientation | str | None = None,
+    recorded_by: str = "sidecar",
+    is_transposed: bool | None = None,
+    peft_version: str | None = None,
+    transformers_version: str | None = None,
+) -> OrientationDecision:
+    """The orientation of ``lora_A [r·E, a]``, ``lora_B [b, r·E]`` on ``P [E, d1, d2]`` from every source given.
+
+    Each input is optional (None = not known) and is one source (see the module docstring):
+
+    - shapes: standard fits iff ``(a, b) == (d1, d2)``, swapped iff ``(a, b) == (d2, d1)`` (both need
+      ``lora_A.shape[0] == lora_B.shape[1] == r·E``, r >= 1, ``P.shape[0] == E``); fitting neither raises LayoutError.
+    - ``sibling``: the same test on the module's other parameter; it speaks when exactly one orientation fits it.
+    - ``did_swap``: the live PEFT flag. ``recorded``: an orientation written down at save time (``recorded_by`` names
+      where, e.g. "sidecar").
+    - ``peft_version`` with ``is_transposed`` (the experts module's attribute as PEFT saw it; pass False when absent,
+      None when unknown): `peft_swaps`. ``layout`` fused_linear / module_list ``(E, out, in)`` implies
+      ``is_transposed`` False (True contradicts it: raises); gpt_oss ``(E, in, out)`` leaves it unknown. With
+      ``is_transposed`` unknown the rule speaks only where both values give the same answer. A version the rule
+      cannot place (dev builds at the 0.19 boundary, < 0.17) says nothing. Set aside when ``transformers_version``
+      is 5.0–5.12 (`transformers_may_force_swap`).
+
+    Every source that speaks must agree, else LayoutError naming module, parameter and the sources with what each
+    says. None speaking (square shapes and no hint) raises AmbiguousLayoutError.
+    """
+    where = ".".join(x for x in (module, param) if x) or "expert parameter"
+    fit = _fit(param_shape, lora_A_shape, lora_B_shape, num_experts)
+    if fit.problem:
+        raise LayoutError(f"{where}: the LoRA factors fit the parameter in no orientation: {fit.problem}")
+    said: dict[str, tuple[str, Orientation]] = {}  # source -> (how to name it in a message, orientation)
+    not_used: list[str] = []
+    if len(fit.fits) == 1:
+        said["shapes"] = ("the shapes say", fit.fits[0])
+    if sibling is not None:
+        sib = _fit(sibling.param_shape, sibling.lora_A_shape, sibling.lora_B_shape, num_experts)
+        if sib.problem:
+            raise LayoutError(f"{where}: the sibling {sibling.param}'s factors fit it in no orientation: {sib.problem}")
+        if len(sib.fits) == 1:
+            said["sibling"] = (f"the non-square sibling {sibling.param} ({sib.shapes}) says", sib.fits[0])
+        else:
+            not_used.append(f"sibling: {sibling.param} is square too")
+    if did_swap is not None:
+        said["did_swap"] = (f"the live swap flag (did_swap={did_swap}) says", _swap(did_swap))
+    if recorded is not None:
+        said[recorded_by] = (f"{recorded_by} says", _recorded(where, recorded, recorded_by))
+    transposed = _is_transposed(where, layout, is_transposed)
+    if peft_version is not None:
+        rule, why = _version_rule(peft_version, transposed, transformers_version)
+        if rule is None:
+            not_used.append(f"peft_version: {why}")
+        else:
+            said["peft_version"] = (f"peft_version {peft_version} ({why}) says", rule)
+
+    named = {o for _, o in said.values()}
+    if len(named) > 1:
+        claims = "; ".join(f"{text} {o.value}" for text, o in said.values())
+        raise LayoutError(
+            f"{where}: orientation sources disagree: {claims} ({fit.shapes}). One of them is wrong; applying ΔW in the "
+            "wrong orientation would transpose every expert's delta, so this is refused"
+        )
+    if not named:
+        d1 = int(param_shape[1])
+        ignored = f"; not usable: {'; '.join(not_used)}" if not_used else ""
+        raise AmbiguousLayoutError(
+            f"{where}: ambiguous: d1 == d2 == {d1} (2I == H for gate_up / I == H for down) so both orientations fit "
+            f"and no source decides (did_swap, {recorded_by}, sibling, peft_version){ignored}: {fit.shapes}"
+        )
+    (o,) = named
+    reason = f"{' and '.join(said)} say {o.value}: {fit.shapes}"
+    return OrientationDecision(o, fit.rank, len(fit.fits) == 2, tuple(said), tuple(not_used), reason)
+
+
+def _swap(swapped: bool) -> Orientation:
+    return Orientation.SWAPPED if swapped else Orientation.STANDARD
+
+
+def _recorded(where: str, recorded: Orientation | str, recorded_by: str) -> Orientation:
+    try:
+        o = Orientation(recorded)
+    except ValueError as err:
+        raise LayoutError(f"{where}: {recorded_by} records orientation {recorded!r}: {err}") from err
+    if o is Orientation.UNKNOWN:
+        raise LayoutError(f"{where}: {recorded_by} records orientation 'unknown', which cannot be applied")
+    return o
+
+
+def _is_transposed(where: str, layout: str | None, is_transposed: bool | None) -> bool | None:
+    """``is_transposed`` as given, or implied by an ``(E, out, in)`` layout; raises when the two contradict."""
+    if layout is None or layout == GPT_OSS:
+        return is_transposed
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout {layout!r}; expected one of {EXPERT_LAYOUTS}")
+    if is_transposed:
+        raise LayoutError(
+            f"{where}: is_transposed=True means (E, in, out) but the experts layout is {layout} (E, out, in)"
+        )
+    return False
+
+
+def _version_rule(peft_version: str, is_transposed: bool | None, transformers_version: str | None):
+    """(orientation PEFT ``peft_version``'s rule gives a 3-D param, how) or (None, why it says nothing)."""
+    if transformers_version is not None and transformers_may_force_swap(transformers_version):
+        return None, f"transformers {transformers_version}'s load_adapter patch may force the swap whatever the version"
+    candidates = (is_transposed,) if is_transposed is not None else (True, False)
+    try:
+        rule = {peft_swaps(peft_version, 3, t) for t in candidates}
+    except ValueError as err:
+        return None, str(err)
+    if len(rule) != 1:
+        return None, f"PEFT {peft_version}'s rule depends on is_transposed, which is unknown here"
+    how = f"is_transposed={is_transposed}" if is_transposed is not None else "either is_transposed"
+    return _swap(rule.pop()), how
 
 
 def detect_orientation(
@@ -136,66 +344,26 @@ def detect_orientation(
     peft_version: str | None = None,
     refuse_ambiguous: bool = True,
 ) -> LayoutDecision:
-    """Orientation of ``lora_A [r·E, a]``, ``lora_B [b, r·E]`` relative to ``P [E, d1, d2]``.
+    """`decide_orientation` from the shapes, the live flag and the version rule only, in the older result form.
 
-    standard fits iff ``(a, b) == (d1, d2)``; swapped fits iff ``(a, b) == (d2, d1)``; both need
-    ``lora_A.shape[0] == lora_B.shape[1] == r·E`` with r >= 1 and ``P.shape[0] == E``.
-
-    - exactly one fits: that orientation. A hint that names the other one raises LayoutError (the caller's
-      assumption about where the adapter came from is wrong).
-    - neither fits: UNKNOWN with the reason.
-    - both fit (d1 == d2): ambiguous. Tie-break, first applicable wins: ``did_swap`` (the live PEFT flag, which also
-      reflects transformers' 5.0–5.12 monkey patch), then ``peft_swaps(peft_version, 3, is_transposed)``. With no
-      usable hint: AmbiguousLayoutError, or UNKNOWN when ``refuse_ambiguous=False``.
+    ``is_transposed`` None means the attribute is absent (False, as PEFT reads it). Shapes that fit neither
+    orientation give UNKNOWN; an unresolved tie raises AmbiguousLayoutError, or gives UNKNOWN when
+    ``refuse_ambiguous=False``; hints that contradict the shapes or each other raise LayoutError.
     """
-    E = int(num_experts)
-    if E < 1:
-        raise LayoutError(f"num_experts must be >= 1, got {num_experts}")
-    pE, d1, d2 = _shape("param", param_shape, 3)
-    rEa, a = _shape("lora_A", lora_A_shape, 2)
-    b, rEb = _shape("lora_B", lora_B_shape, 2)
-    shapes = f"param {(pE, d1, d2)}, lora_A {(rEa, a)}, lora_B {(b, rEb)}, E={E}"
-    if pE != E:
-        return LayoutDecision(Orientation.UNKNOWN, None, False, None, f"param dim 0 is not E: {shapes}")
-    if rEa != rEb or rEa < E or rEa % E != 0:
-        return LayoutDecision(
-            Orientation.UNKNOWN, None, False, None, f"lora_A rows / lora_B cols are not equal multiples r·E: {shapes}"
-        )
-    r = rEa // E
-    fits = []
-    if (a, b) == (d1, d2):
-        fits.append(Orientation.STANDARD)
-    if (a, b) == (d2, d1):
-        fits.append(Orientation.SWAPPED)
-    if not fits:
-        return LayoutDecision(Orientation.UNKNOWN, r, False, None, f"neither (a, b) == (d1, d2) nor (d2, d1): {shapes}")
-
-    hint, hint_name = _hint(did_swap, is_transposed, peft_version)
-    if len(fits) == 1:
-        (o,) = fits
-        if hint is not None and hint != o:
-            raise LayoutError(f"shapes say {o.value} but {hint_name} says {hint.value}: {shapes}")
-        return LayoutDecision(o, r, False, None, f"only {o.value} fits: {shapes}")
-
-    if hint is not None:
-        return LayoutDecision(hint, r, True, hint_name, f"d1 == d2 == {d1}; {hint_name} says {hint.value}: {shapes}")
-    msg = (
-        f"ambiguous: d1 == d2 == {d1} (2I == H for gate_up / I == H for down) so both orientations fit and no hint "
-        f"(did_swap, peft_version) was given: {shapes}"
-    )
-    if refuse_ambiguous:
-        raise AmbiguousLayoutError(msg)
-    return LayoutDecision(Orientation.UNKNOWN, r, True, None, msg)
-
-
-def _hint(did_swap: bool | None, is_transposed: bool | None, peft_version: str | None):
-    """The orientation a hint implies and the hint's name, or (None, None). did_swap wins over the version rule."""
-    if did_swap is not None:
-        return (Orientation.SWAPPED if did_swap else Orientation.STANDARD), "did_swap"
-    if peft_version is not None:
-        swapped = peft_swaps(peft_version, 3, is_transposed)
-        return (Orientation.SWAPPED if swapped else Orientation.STANDARD), "peft_version"
-    return None, None
+    fit = _fit(param_shape, lora_A_shape, lora_B_shape, num_experts)
+    if fit.problem:
+        return LayoutDecision(Orientation.UNKNOWN, fit.rank, False, None, fit.problem)
+    try:
+        d = decide_orientation(
+            param_shape, lora_A_shape, lora_B_shape, num_experts,
+            did_swap=did_swap, is_transposed=bool(is_transposed), peft_version=peft_version,
+        )  # fmt: skip
+    except AmbiguousLayoutError as err:
+        if refuse_ambiguous:
+            raise
+        return LayoutDecision(Orientation.UNKNOWN, fit.rank, True, None, str(err))
+    resolved_by = next(s for s in d.decided_by if s != "shapes") if d.ambiguous else None
+    return LayoutDecision(d.orientation, d.rank, d.ambiguous, resolved_by, d.reason)
 
 
 def semantic_orientation(expert_layout: str) -> Orientation:

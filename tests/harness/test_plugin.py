@@ -85,8 +85,9 @@ link = "https://example.invalid/5"
 
 
 def _pytest(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    # no:hypothesispytest: the sample needs no hypothesis, whose plugin would import (and re-compile) it
     return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
-                             "-q", "-c", os.devnull, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "-p", "no:hypothesispytest", "-q", "-c", os.devnull, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli, report
+from harness.matrix import Retired
 from tests.harness.conftest import cell, check
 
 PLOT = {"title": "loss", "series": {"bf16": [3.0, 2.0, 1.0], "nf4": [3.1, 2.2, "NaN"]}, "x": None,
@@ -59,11 +60,14 @@ def test_gate_and_baseline_diff():
     assert [(d["check"], d["was"], d["now"]) for d in b["regressions"]] == [("impl_forward", "pass", "fail")]
     assert [d["check"] for d in b["new_failures"]] == ["new_check"]
     assert any("regression" in r for r in now["gate"]["reasons"])
-    # the reverse direction is a fix, and a run without failures passes the gate
+    # the reverse direction is a fix; `new_check` vanished: a regression (issue 12) unless declared [[retired]]
     again = report.build_summary(_good(), run_id="again", matrix={"name": "default"}, host=None)
-    assert report.attach_gate(again, now) == 0
+    assert report.attach_gate(again, now) == 1
+    assert [(d["check"], d["was"], d["now"]) for d in again["baseline"]["regressions"]] == [("new_check", "fail",
+                                                                                              "absent")]
+    assert report.attach_gate(again, now, retired=[Retired(checks=("new_check",), reason="merged into x")]) == 0
     assert {d["check"] for d in again["baseline"]["fixes"]} == {"impl_forward"}
-    assert {d["check"] for d in again["baseline"]["removed"]} == {"new_check"}
+    assert [(d["check"], d["message"]) for d in again["baseline"]["removed"]] == [("new_check", "retired: merged into x")]
 
 
 def test_error_cell_and_xpass_fail_the_gate():

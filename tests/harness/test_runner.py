@@ -22,6 +22,9 @@ from tests.harness.conftest import fake_source
 
 TESTS = '''
 import os, time
+import pytest
+if os.environ["MOE_COMPAT_CELL"].endswith("hempty"):
+    pytest.skip("every test module of this cell skips at import", allow_module_level=True)
 def test_ok(moe_check):
     moe_check.metric("x", 1.0)
     cell = os.environ["MOE_COMPAT_CELL"]
@@ -42,7 +45,7 @@ values = [{{ id = "9", spec = "==9.*" }}]
 package = "hypothesis"
 prefix = "h"
 values = [{{ id = "ok", spec = "" }}, {{ id = "crash", spec = "" }}, {{ id = "hang", spec = "" }},
-          {{ id = "future", spec = ">=99" }}]
+          {{ id = "future", spec = ">=99" }}, {{ id = "empty", spec = "" }}]
 [[incompatible]]
 cells = ["*-hok"]
 reason = "declared incompatible but imports fine"
@@ -85,7 +88,8 @@ def run(tmp_path_factory):
     matrix = load_matrix(tmp / "m.toml")
     calls: list = []
     stream = io.StringIO()
-    args = ("--rootdir", str(tmp), "-c", "/dev/null")
+    # hypothesis's pytest plugin would import (and, with PYTHONDONTWRITEBYTECODE, re-compile) hypothesis in every cell
+    args = ("--rootdir", str(tmp), "-c", "/dev/null", "-p", "no:hypothesispytest")
     hang = [c for c in matrix.cells() if c.id.endswith("hhang")]
     rest = [c for c in matrix.cells() if not c.id.endswith("hhang")]
 
@@ -126,6 +130,13 @@ def test_other_cells_still_run_and_stale_incompatible_surfaces(run):
     assert rec["freeze"] and rec["venv_bytes"] is not None and rec["phases"].keys() >= {"resolve", "install", "test"}
     assert 0 < rec["phases"]["test_cpu"] < 60                          # CPU time of the pytest child alone
     assert (run[3] / "run" / "cells" / "p9-hok.json").exists()
+
+
+def test_cell_that_collects_nothing_is_error(run):
+    """A cell that tests nothing (pytest exit 5) is an `error`, not a silent `skipped` that passes the gate."""
+    rec = run[0]["p9-hempty"]
+    assert rec["status"] == "error" and rec["pytest_exit"] == 5
+    assert rec["message"].startswith("no tests collected (pytest exit 5) in ") and "test_cellwork.py" in rec["message"]
 
 
 def test_unreleased_cell_is_not_installed(run):

@@ -8,6 +8,7 @@ spec's dequant bit for bit.
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import pytest
@@ -90,6 +91,9 @@ def test_index_inconsistencies_raise(tmp_path):
     )
     with pytest.raises(CheckpointError, match="maps 'x' to b.safetensors but its header is in no shard"):
         open_checkpoint(root)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        open_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither"):
         open_checkpoint(tmp_path / "empty")
 
@@ -106,6 +110,73 @@ def test_corrupt_headers_raise(tmp_path):
     p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
     with pytest.raises(CheckpointError, match="needs 16 bytes"):
         read_header(p)
+
+
+def _t(dtype="F32", shape=(2,), offsets=(0, 8)) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+# (header, data section, what read_header must say or None when the file is valid). The raw-bytes headers cover what
+# json.dumps cannot write. Each case is also given to safetensors itself.
+HEADER_CASES = {
+    "valid": ({"a": _t()}, 8, None),
+    "valid_two_out_of_order": ({"b": _t(offsets=(8, 16)), "a": _t()}, 16, None),
+    "valid_empty": ({}, 0, None),
+    "valid_zero_size_tensor": ({"a": _t(shape=(0,), offsets=(0, 0))}, 0, None),
+    "valid_metadata": ({"__metadata__": {"format": "pt"}, "a": _t()}, 8, None),
+    "valid_extra_field": ({"a": {**_t(), "note": 1}}, 8, None),
+    "overlap": ({"a": _t(), "b": _t(offsets=(4, 12))}, 16, "overlaps the previous tensor"),
+    "hole": ({"a": _t(), "b": _t(offsets=(12, 20))}, 20, "leaves a hole"),
+    "hole_at_start": ({"a": _t(offsets=(4, 12))}, 12, "leaves a hole"),
+    "out_of_range": ({"a": _t()}, 4, "runs past the end"),
+    "trailing_bytes": ({"a": _t()}, 12, "trailing bytes"),
+    "negative_offset": ({"a": _t(offsets=(-8, 0))}, 8, "not two integers >= 0"),
+    "float_offsets": ({"a": _t(offsets=(0.0, 8.0))}, 8, "not two integers >= 0"),
+    "bool_offset": ({"a": _t(offsets=(False, 8))}, 8, "not two integers >= 0"),
+    "three_offsets": ({"a": {**_t(), "data_offsets": [0, 8, 8]}}, 8, "not two integers >= 0"),
+    "offset_past_u64": ({"a": _t(offsets=(0, 2**64 + 8))}, 8, "needs 8 bytes"),
+    "begin_after_end": ({"a": _t(shape=(0,), offsets=(8, 0))}, 8, "needs 0 bytes"),
+    "wrong_size": ({"a": _t(offsets=(0, 4))}, 4, "needs 8 bytes"),
+    "shape_overflow": ({"a": _t(shape=(2**40, 2**40))}, 8, "needs"),
+    "missing_dtype": ({"a": {"shape": [2], "data_offsets": [0, 8]}}, 8, "lacks dtype"),
+    "missing_shape": ({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, 8, "lacks dtype"),
+    "missing_offsets": ({"a": {"dtype": "F32", "shape": [2]}}, 8, "lacks dtype"),
+    "float_shape": ({"a": _t(shape=(2.0,))}, 8, "not a list of integers"),
+    "negative_shape": ({"a": _t(shape=(-2,))}, 8, "not a list of integers"),
+    "string_shape": ({"a": {**_t(), "shape": "2"}}, 8, "not a list of integers"),
+    "unknown_dtype": ({"a": _t(dtype="F99")}, 8, "unsupported dtype"),
+    "entry_not_object": ({"a": [1]}, 8, "lacks dtype"),
+    "metadata_not_strings": ({"__metadata__": {"x": 1}, "a": _t()}, 8, "__metadata__ must be an object of strings"),
+    "metadata_a_list": ({"__metadata__": [1], "a": _t()}, 8, "__metadata__ must be an object of strings"),
+    "not_an_object": (b"[1, 2]", 8, "not a JSON object"),
+    "nul_padding": (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}\0\0\0', 8, "not valid JSON"),
+    "duplicate_key": (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+                      b'"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8, "duplicate keys"),
+}  # fmt: skip
+STRICTER_THAN_SAFETENSORS = {"duplicate_key"}  # safetensors keeps the last entry; two tensors of one name is a bug
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_header_validation_at_least_as_strict_as_safetensors(tmp_path, case):
+    """Every file the installed safetensors refuses, read_header refuses too (CheckpointError naming the rule), and
+    every file it reads is read alike; the only extra refusal is a duplicate tensor name."""
+    header, data_len, rule = HEADER_CASES[case]
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data_len)
+    try:
+        with safe_open(str(path), "pt") as f:
+            theirs = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except safetensors.SafetensorError:
+        theirs = None
+    if rule is None:
+        assert theirs is not None
+        ours = read_header(path)
+        assert {k: (t.dtype, t.shape) for k, t in ours.items()} == theirs
+        return
+    assert (theirs is None) or case in STRICTER_THAN_SAFETENSORS, f"safetensors reads {case}: {theirs}"
+    with pytest.raises(CheckpointError, match=rf"{path}: .*{re.escape(rule)}"):
+        read_header(path)
 
 
 def test_expert_groups_per_expert_legacy_and_fused(tmp_path):

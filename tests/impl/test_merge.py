@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from impl import zoo  # noqa: E402
 from impl.checkpoint import PER_EXPERT_RE, open_checkpoint  # noqa: E402
-from impl.merge import FP8_METHOD, MERGED_16BIT, AdapterError, merge_adapter  # noqa: E402
+from impl.errors import OrientationError  # noqa: E402
+from impl.merge import FP8_METHOD, MERGED_16BIT, merge_adapter  # noqa: E402
 from reference.fp8 import dequantize_fp8, quantize_fp8_block  # noqa: E402
 from reference.layout import peft_swaps  # noqa: E402
 from reference.lora import CONTIGUOUS_R, STRIDE_E, convert_adapter  # noqa: E402
@@ -74,10 +76,12 @@ def expert_targets(model) -> dict:
     return dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
 
 
-def make_adapter(model, path: Path, seed: int = 1, std: float = 0.15, r: int = 2, **targets):
-    """``get_peft_model`` with nonzero random lora_A and lora_B (PEFT initialises lora_B to 0), saved to ``path``."""
+def make_adapter(model, path: Path, seed: int = 1, std: float = 0.15, r: int = 2, config: dict | None = None,
+                 **targets):  # fmt: skip
+    """``get_peft_model`` with nonzero random lora_A and lora_B (PEFT initialises lora_B to 0), saved to ``path``.
+    ``config``: more LoraConfig fields (use_rslora, rank_pattern, alpha_pattern, ...)."""
     targets = targets or expert_targets(model)
-    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, **targets))
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, **targets, **(config or {})))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -279,38 +283,140 @@ def test_merged_equals_live_peft(tmp_path, family, dtype):
     assert rel_err(ref, got) <= tol
 
 
-@pytest.mark.parametrize(
-    ("family", "variant"), [("qwen3_moe", "2i_eq_h"), ("qwen3_moe", "i_eq_h"), ("gpt_oss", "2i_eq_h")]
-)
-def test_square_experts_resolved_by_peft_version_or_refused(tmp_path, family, variant):
-    """2I == H / I == H: both orientations fit. adapter_config's peft_version decides through PEFT's per-version rule
-    (reference.layout.peft_swaps) when the rule does not depend on ``is_transposed``; for GPT-OSS it does from PEFT
+SQUARE_CASES = [("qwen3_moe", "2i_eq_h"), ("qwen3_moe", "i_eq_h"), ("gpt_oss", "2i_eq_h")]
+
+
+def _square_param(variant: str) -> str:
+    """2I == H makes gate_up [E, 2I, H] square; I == H makes down [E, H, I] square (the other one never is)."""
+    return "mlp.experts.gate_up_proj" if variant == "2i_eq_h" else "mlp.experts.down_proj"
+
+
+def _set_peft_version(adapter: Path, version: str | None) -> None:
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("peft_version", None)
+    if version is not None:
+        cfg["peft_version"] = version
+    cfg_path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(("family", "variant"), SQUARE_CASES)
+def test_square_experts_decided_by_the_non_square_sibling(tmp_path, family, variant):
+    """2I == H / I == H: both orientations fit the square parameter, but the module's other parameter is not square
+    and PEFT orients both alike: the sibling decides, with or without peft_version (GPT-OSS with PEFT >= 0.19.1,
+    whose rule depends on is_transposed, included). A peft_version whose rule contradicts the sibling is refused
+    naming both; the merge equals the live PEFT model otherwise (fp32 bound 1e-5)."""
+    model = save_base(tmp_path / "base", family, variant)
+    if zoo.describe(model)["layout"] == "module_list":
+        pytest.skip("4.57 experts are per-expert Linear: no 3-D orientation question")
+    live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad")
+    ref = logits(live)
+    sources = {d: tree_digest(tmp_path / d) for d in ("base", "ad")}
+    merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+    assert rel_err(ref, logits(_load(tmp_path / "out"))) <= 1e-5
+    _set_peft_version(tmp_path / "ad", None)
+    sources["ad"] = tree_digest(tmp_path / "ad")
+    merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out2")
+    assert rel_err(ref, logits(_load(tmp_path / "out2"))) <= 1e-5
+    # a version whose rule names the other orientation for both is_transposed values contradicts the sibling
+    layout = zoo.describe(model)["layout"]
+    transposed = (True, False) if layout == "gpt_oss" else (False,)
+    live_swaps = peft_swaps(peft.__version__, 3, layout == "gpt_oss")
+    liars = [v for v in ("0.18.1", "0.19.0", "0.21.2") if {peft_swaps(v, 3, t) for t in transposed} == {not live_swaps}]
+    for v in liars:
+        _set_peft_version(tmp_path / "ad", v)
+        sources["ad"] = tree_digest(tmp_path / "ad")
+        with pytest.raises(OrientationError, match=rf"orientation sources disagree: .*peft_version {v}"):
+            merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out3")
+        assert not (tmp_path / "out3").exists()
+    assert liars or layout == "gpt_oss"  # for (E, out, in) experts PEFT 0.18 and 0.21 disagree, so a liar exists
+    assert {d: tree_digest(tmp_path / d) for d in ("base", "ad")} == sources
+
+
+@pytest.mark.parametrize(("family", "variant"), SQUARE_CASES)
+def test_square_experts_alone_resolved_by_peft_version_sidecar_or_refused(tmp_path, family, variant):
+    """An adapter on the square parameter only (no sibling): peft_version decides through PEFT's per-version rule
+    (reference.layout.peft_swaps) where the rule does not depend on is_transposed; for GPT-OSS it does from PEFT
     0.19 on (True in transformers 5.x, absent in 4.57: not knowable from the checkpoint), so the merge refuses.
     Without peft_version the merge refuses; the sidecar (impl.peft_integration format 1: per-param orientation from
     the live wrappers' swap flag) always resolves it."""
     model = save_base(tmp_path / "base", family, variant)
     if zoo.describe(model)["layout"] == "module_list":
         pytest.skip("4.57 experts are per-expert Linear: no 3-D orientation question")
-    live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad")
+    live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad", target_parameters=[_square_param(variant)])
     version = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["peft_version"]
+    base_digest = tree_digest(tmp_path / "base")
     if family == "gpt_oss" and peft_swaps(version, 3, True) != peft_swaps(version, 3, False):
-        with pytest.raises(AdapterError, match="depends on the experts' is_transposed"):
+        with pytest.raises(OrientationError, match="depends on is_transposed"):
             merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
     else:
         merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
         assert rel_err(logits(live), logits(_load(tmp_path / "out"))) <= 1e-5
 
-    cfg_path = tmp_path / "ad" / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.pop("peft_version")
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(AdapterError, match="ambiguous: d1 == d2"):
+    _set_peft_version(tmp_path / "ad", None)
+    with pytest.raises(OrientationError, match="ambiguous: d1 == d2"):
         merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
 
     (tmp_path / "ad" / "moe_compat.json").write_text(json.dumps(sidecar_format_1(live)))
+    ad_digest = tree_digest(tmp_path / "ad")
     merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out3")
     assert rel_err(logits(live), logits(_load(tmp_path / "out3"))) <= 1e-5
+    assert tree_digest(tmp_path / "base") == base_digest and tree_digest(tmp_path / "ad") == ad_digest
+
+
+def test_pattern_matching_is_peft_get_pattern_key():
+    """rank_pattern / alpha_pattern resolution equals PEFT's own (``peft.utils.other.get_pattern_key`` then
+    ``.get(key, default)``) for full keys, suffixes, regexes, overlapping patterns (first in order wins) and keys no
+    pattern matches."""
+    from peft.utils.other import get_pattern_key
+
+    from impl.adapter_dir import pattern_value
+
+    patterns = {
+        "model.layers.0.mlp.experts.gate_up_proj": 7, r"layers\.1\..*down_proj": 5, "q_proj": 3,
+        "experts.gate_up_proj": 9, "layers.0.self_attn.q_proj": 11, "o_proj|k_proj": 13, "gate_up": 17,
+    }  # fmt: skip
+    keys = [
+        "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj", "model.layers.0.mlp.experts.down_proj", "model.layers.0.self_attn.q_proj",
+        "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.o_proj", "model.layers.3.self_attn.v_proj",
+        "model.layers.0.mlp.experts.gate_up", "xq_proj",
+    ]  # fmt: skip
+    for key in keys:
+        want = patterns.get(get_pattern_key(patterns.keys(), key), -1)
+        assert pattern_value(patterns, key, -1) == want, key
+
+
+def test_rslora_and_rank_alpha_patterns_match_live_peft(tmp_path):
+    """use_rslora (s = alpha / sqrt(r)) with rank_pattern / alpha_pattern in PEFT's key forms (a full key, a suffix,
+    a regex) on expert and q_proj LoRA: the merged checkpoint equals the live PEFT model (fp32 bound 1e-5). Each
+    setting matters: the same factors merged without alpha_pattern, or without use_rslora, miss by far more."""
+    model = save_base(tmp_path / "base", "qwen3_moe")
+    if zoo.describe(model)["layout"] == "module_list":
+        pytest.skip("target_parameters on experts needs transformers 5.x fused experts")
+    config = dict(
+        use_rslora=True,
+        rank_pattern={"model.layers.0.mlp.experts.gate_up_proj": 4, "q_proj": 3},
+        alpha_pattern={r"layers\.1\.mlp\.experts\.down_proj": 16, "self_attn.q_proj": 5},
+    )
+    live = make_adapter(_load(tmp_path / "base"), tmp_path / "ad", config=config)
+    sources = {d: tree_digest(tmp_path / d) for d in ("base", "ad")}
+    from peft.tuners.lora.layer import LoraLayer
+
+    scalings = {n: float(m.scaling["default"]) for n, m in live.named_modules() if isinstance(m, LoraLayer)}
+    assert len(set(scalings.values())) >= 3  # the patterns gave different r / alpha to different layers
+    merge_adapter(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+    ref = logits(live)
+    assert rel_err(ref, logits(_load(tmp_path / "out"))) <= 1e-5
+    for name, change in (("no_alpha_pattern", {"alpha_pattern": {}}), ("no_rslora", {"use_rslora": False})):
+        ad = tmp_path / name
+        shutil.copytree(tmp_path / "ad", ad)
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        (ad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        merge_adapter(tmp_path / "base", ad, tmp_path / f"out_{name}")
+        assert rel_err(ref, logits(_load(tmp_path / f"out_{name}"))) > 1e-3, name
+    assert {d: tree_digest(tmp_path / d) for d in ("base", "ad")} == sources
 
 
 def test_qlora_adapter_from_impl_merges_onto_bf16_base(tmp_path):

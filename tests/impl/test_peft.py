@@ -32,6 +32,7 @@ from reference import merge as ref_merge  # noqa: E402
 from reference import nf4 as ref_nf4  # noqa: E402
 from reference.layout import LayoutError, Orientation, parse_version, peft_swaps  # noqa: E402
 from tests.impl.moe_helpers import FUSED_FAMILY, quant_config, rel_err, tiny  # noqa: E402
+from tests.impl.test_merge_faults import tree_digest  # noqa: E402
 
 pytestmark = pytest.mark.upstream
 FAMILY = FUSED_FAMILY
@@ -147,8 +148,10 @@ def test_save_reload_with_sidecar(kind, tmp_path):
     o = on_disk["adapters"]["default"][key]["orientation"]
     on_disk["adapters"]["default"][key]["orientation"] = "swapped" if o == "standard" else "standard"
     (tmp_path / SIDECAR).write_text(json.dumps(on_disk))
-    with pytest.raises(LayoutError, match="contradicts its shapes"):
+    before = tree_digest(tmp_path)
+    with pytest.raises(LayoutError, match=r"orientation sources disagree: the shapes say .*moe_compat.json says"):
         load_adapter(_base(kind), str(tmp_path))
+    assert tree_digest(tmp_path) == before
 
 
 def _as_other_peft_version(src, dst):
@@ -168,9 +171,14 @@ def _as_other_peft_version(src, dst):
             sd[kA], sd[kB], e["num_experts"], src_orientation=e["orientation"], dst_orientation=other
         )
         e.update(orientation=other, lora_A_shape=list(sd[kA].shape), lora_B_shape=list(sd[kB].shape))
+    # the version that saves that orientation (every target of the tiny model has the same is_transposed)
+    (t,) = {e["is_transposed"] for e in info["adapters"]["default"].values()}
+    (other,) = {e["orientation"] for e in info["adapters"]["default"].values()}
+    info["peft_version"] = next(v for v in ("0.18.1", "0.21.2") if peft_swaps(v, 3, t) == (other == "swapped"))
     dst.mkdir()
     save_file(sd, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": info["peft_version"]}))
     (dst / SIDECAR).write_text(json.dumps(info))
 
 
@@ -181,10 +189,12 @@ def test_reload_adapter_from_other_orientation_converts_exactly(tmp_path):
     live = pm(IDS).logits
     save_adapter(pm, str(tmp_path / "a"))
     _as_other_peft_version(tmp_path / "a", tmp_path / "b")
+    before = tree_digest(tmp_path / "b")
     with pytest.raises(LayoutError, match="another orientation"):
         load_adapter(_base("nf4"), str(tmp_path / "b"), convert=False)
     reloaded = load_adapter(_base("nf4"), str(tmp_path / "b"))
     assert torch.equal(reloaded(IDS).logits, live)
+    assert tree_digest(tmp_path / "b") == before  # converted in a temporary copy
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp8"])
@@ -229,12 +239,37 @@ def test_merge_and_unload_returns_quantized_base():
     assert rel_err(merged(IDS).logits, live) <= 2 * _quant_err("fp8")
 
 
-def test_sidecar_required(tmp_path):
+def test_plain_peft_adapter_loads_and_can_write_its_sidecar(tmp_path):
+    """A plain ``save_pretrained`` (no moe_compat.json) is decided as the merge decides it (shapes, the sibling,
+    peft_version) and reloads bit for bit; ``write_sidecar_if_missing`` writes that decision, after which the
+    directory reloads the same. A wrong peft_version (its rule contradicting the shapes) is refused."""
     pm = _peft("nf4")
-    pm.save_pretrained(str(tmp_path))
-    assert not os.path.exists(tmp_path / SIDECAR)
-    with pytest.raises(FileNotFoundError, match=SIDECAR):
-        load_adapter(_base("nf4"), str(tmp_path))
+    live = pm(IDS).logits
+    pm.save_pretrained(str(tmp_path / "a"))
+    assert not os.path.exists(tmp_path / "a" / SIDECAR)
+    before = tree_digest(tmp_path / "a")
+    assert torch.equal(load_adapter(_base("nf4"), str(tmp_path / "a"))(IDS).logits, live)
+    assert tree_digest(tmp_path / "a") == before  # nothing written unless asked
+    load_adapter(_base("nf4"), str(tmp_path / "a"), write_sidecar_if_missing=True)
+    side = json.loads((tmp_path / "a" / SIDECAR).read_text())
+    targets = side["adapters"]["default"]
+    assert len(targets) == len(quantized_wrappers(pm))  # one per ParamWrapper (gate_up and down per layer)
+    assert all("shapes" in t["decided_by"] for t in targets.values())  # tiny 2i_ne_h experts: non-square
+    assert torch.equal(load_adapter(_base("nf4"), str(tmp_path / "a"))(IDS).logits, live)
+    # a peft_version whose rule names the other orientation contradicts the (non-square) shapes
+    os.remove(tmp_path / "a" / SIDECAR)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    q = quantized_wrappers(pm)[0][1].get_base_layer()
+    liar = next(
+        v
+        for v in ("0.18.1", "0.21.2")
+        if peft_swaps(v, 3, q.is_transposed) != peft_swaps(peft.__version__, 3, q.is_transposed)
+    )
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": liar}))
+    before = tree_digest(tmp_path / "a")
+    with pytest.raises(LayoutError, match=rf"orientation sources disagree: the shapes say .*peft_version {liar}"):
+        load_adapter(_base("nf4"), str(tmp_path / "a"))
+    assert tree_digest(tmp_path / "a") == before
 
 
 def test_repeated_forward_is_stable_and_leaves_no_parametrization():

@@ -18,10 +18,13 @@ from reference.layout import (
     AmbiguousLayoutError,
     LayoutError,
     Orientation,
+    SiblingFactors,
+    decide_orientation,
     detect_orientation,
     parse_version,
     peft_swaps,
     semantic_orientation,
+    transformers_may_force_swap,
 )
 
 STD, SWP, UNK = Orientation.STANDARD, Orientation.SWAPPED, Orientation.UNKNOWN
@@ -177,8 +180,13 @@ def test_square_tie_break_by_peft_version(E):
     # GPT-OSS on transformers 5.x: is_transposed=True
     assert detect_orientation(P, A, B, E, peft_version="0.19.0", is_transposed=True).orientation is SWP
     assert detect_orientation(P, A, B, E, peft_version="0.21.2", is_transposed=True).orientation is STD
-    d = detect_orientation(P, A, B, E, did_swap=True, peft_version="0.18.1")
-    assert (d.orientation, d.resolved_by) == (SWP, "did_swap")
+    # the live flag against the version rule: a contradiction, unless transformers 5.0-5.12's load_adapter patch
+    # (which swaps whatever the PEFT version) may have run in the process, where the flag is the truth
+    with pytest.raises(LayoutError, match="orientation sources disagree"):
+        detect_orientation(P, A, B, E, did_swap=True, peft_version="0.18.1")
+    d = decide_orientation(P, A, B, E, did_swap=True, peft_version="0.18.1", transformers_version="5.12.1")
+    assert (d.orientation, d.decided_by) == (SWP, ("did_swap",))
+    assert "load_adapter patch" in d.not_used[0]
     # is_transposed alone (no version) does not decide anything
     with pytest.raises(AmbiguousLayoutError):
         detect_orientation(P, A, B, E, is_transposed=True)
@@ -189,5 +197,134 @@ def test_non_square_version_hint_contradiction_raises():
     E, r, I, H = 4, 2, 6, 8
     P, A, B = (E, 2 * I, H), (r * E, 2 * I), (H, r * E)
     assert detect_orientation(P, A, B, E, peft_version="0.18.1").orientation is STD
-    with pytest.raises(LayoutError, match="peft_version says swapped"):
+    with pytest.raises(LayoutError, match=r"the shapes say standard; peft_version 0\.21\.2 .* says swapped"):
         detect_orientation(P, A, B, E, peft_version="0.21.2")
+
+
+# --- decide_orientation: every source combined ----------------------------------------------------------------
+
+E4, R, I6, H8 = 4, 2, 6, 8  # gate_up [E, 2I, H] = [4, 12, 8]; down [E, H, I] = [4, 8, 6]; square: H = 8 = I
+
+
+def _factors(param_shape, o: Orientation, E: int = E4, r: int = R):
+    """Factor shapes of orientation ``o`` on ``P [E, d1, d2]`` (PEFT: lora_A [r·E, in], lora_B [out, r·E])."""
+    _, d1, d2 = param_shape
+    a, b = (d1, d2) if o is STD else (d2, d1)
+    return (r * E, a), (b, r * E)
+
+
+# the version whose rule names each orientation for an (E, out, in) module (is_transposed False)
+VERSION_SAYS = {STD: "0.18.1", SWP: "0.21.2"}
+OTHER = {STD: SWP, SWP: STD}
+
+
+@pytest.mark.parametrize("square", [True, False], ids=["square", "non_square"])
+@pytest.mark.parametrize("truth", [STD, SWP])
+def test_every_source_combination_agrees_or_is_refused(square, truth):
+    """Each source absent, agreeing with the truth or contradicting it (sibling, live flag, sidecar, version rule;
+    the shapes always tell the truth when they speak): the decision is the truth when nothing contradicts and
+    something speaks; any contradiction raises LayoutError naming the module, the parameter and the liar; nothing
+    speaking raises AmbiguousLayoutError. (Square shapes and every source wrong alike cannot be told apart from the
+    truth: the decision follows them.)"""
+    P = (E4, H8, H8) if square else (E4, 2 * I6, H8)
+    A, B = _factors(P, truth)
+    sib_P = (E4, H8, I6)  # down, never square
+    states = ("absent", "agree", "contradict")
+    n = 0
+    for sib, flag, side, ver in itertools.product(states, repeat=4):
+        said = {
+            s: truth if v == "agree" else OTHER[truth]
+            for s, v in (("sibling", sib), ("did_swap", flag), ("sidecar", side), ("peft_version", ver))
+            if v != "absent"
+        }
+        kw = dict(module="model.layers.3.mlp.experts", param="gate_up_proj", layout=FUSED_LINEAR)
+        if "sibling" in said:
+            kw["sibling"] = SiblingFactors("down_proj", sib_P, *_factors(sib_P, said["sibling"]))
+        if "did_swap" in said:
+            kw["did_swap"] = said["did_swap"] is SWP
+        if "sidecar" in said:
+            kw["recorded"] = said["sidecar"].value
+        if "peft_version" in said:
+            kw["peft_version"] = VERSION_SAYS[said["peft_version"]]
+        liars = [s for s, o in said.items() if o is not truth]
+        truthful = len(said) > len(liars) or not square  # non-square shapes always speak, and tell the truth
+        if liars and not truthful:  # square and every voice wrong alike: nothing can tell (they all agree)
+            assert decide_orientation(P, A, B, E4, **kw).orientation is OTHER[truth]
+        elif liars:
+            with pytest.raises(
+                LayoutError,
+                match=r"model\.layers\.3\.mlp\.experts\.gate_up_proj: orientation sources "
+                "disagree",
+            ) as info:
+                decide_orientation(P, A, B, E4, **kw)
+            assert not isinstance(info.value, AmbiguousLayoutError)
+            labels = {"sibling": "sibling down_proj", "did_swap": "swap flag", "sidecar": "sidecar says",
+                      "peft_version": "peft_version"}  # fmt: skip
+            assert all(labels[s] in str(info.value) for s in liars), (liars, str(info.value))
+        elif square and not said:
+            with pytest.raises(AmbiguousLayoutError, match="ambiguous"):
+                decide_orientation(P, A, B, E4, **kw)
+        else:
+            d = decide_orientation(P, A, B, E4, **kw)
+            want_by = ([] if square else ["shapes"]) + list(said)
+            assert (d.orientation, d.ambiguous, d.rank, d.decided_by) == (truth, square, R, tuple(want_by))
+        n += 1
+    assert n == 81
+
+
+def test_sibling_decides_square_gpt_oss_where_the_version_cannot():
+    """GPT-OSS (E, in, out) experts, 2I == H gate_up, PEFT 0.21.2 adapter without sidecar: the rule depends on
+    is_transposed (True on transformers 5.x, absent on 4.57), so the version says nothing; the non-square down
+    decides (the gap issue 12 names: such adapters were refused though decidable)."""
+    E, r, I, H = 4, 2, 4, 8
+    P, sib_P = (E, H, 2 * I), (E, I, H)  # gpt_oss gate_up [E, H, 2I], down [E, I, H]
+    for truth in (STD, SWP):
+        A, B = _factors(P, truth, E, r)
+        with pytest.raises(AmbiguousLayoutError, match="depends on is_transposed"):
+            decide_orientation(P, A, B, E, layout=GPT_OSS, peft_version="0.21.2")
+        sib = SiblingFactors("down_proj", sib_P, *_factors(sib_P, truth, E, r))
+        d = decide_orientation(P, A, B, E, layout=GPT_OSS, peft_version="0.21.2", sibling=sib)
+        assert (d.orientation, d.decided_by) == (truth, ("sibling",))
+        assert d.not_used == ("peft_version: PEFT 0.21.2's rule depends on is_transposed, which is unknown here",)
+        # with is_transposed known (transformers 5.x GPT-OSS: True) the 0.21.2 rule says standard
+        if truth is STD:
+            d = decide_orientation(P, A, B, E, layout=GPT_OSS, peft_version="0.21.2", is_transposed=True, sibling=sib)
+            assert d.decided_by == ("sibling", "peft_version")
+        else:
+            with pytest.raises(LayoutError, match="disagree"):
+                decide_orientation(P, A, B, E, layout=GPT_OSS, peft_version="0.21.2", is_transposed=True, sibling=sib)
+
+
+def test_layout_and_is_transposed_inputs():
+    """(E, out, in) layouts imply is_transposed False (so 0.21.2's rule decides), and True contradicts them; an
+    unplaceable PEFT version says nothing; factors that fit no orientation (here or on the sibling) raise."""
+    P = (E4, H8, H8)
+    A, B = _factors(P, SWP)
+    d = decide_orientation(P, A, B, E4, layout=FUSED_LINEAR, peft_version="0.21.2")
+    assert (d.orientation, d.decided_by) == (SWP, ("peft_version",))
+    with pytest.raises(LayoutError, match="is_transposed=True means"):
+        decide_orientation(P, A, B, E4, layout=MODULE_LIST, is_transposed=True, peft_version="0.21.2")
+    with pytest.raises(ValueError, match="unknown expert layout"):
+        decide_orientation(P, A, B, E4, layout="llama4")
+    with pytest.raises(AmbiguousLayoutError, match="dev/pre-release"):
+        decide_orientation(P, A, B, E4, layout=FUSED_LINEAR, peft_version="0.19.1rc1")
+    with pytest.raises(LayoutError, match=r"experts\.down_proj: the LoRA factors fit the parameter in no orientation"):
+        decide_orientation(P, (R * E4, 5), B, E4, module="experts", param="down_proj")
+    bad_sib = SiblingFactors("down_proj", (E4, H8, I6), (R * E4, 7), (H8, R * E4))
+    with pytest.raises(LayoutError, match="sibling down_proj's factors fit it in no orientation"):
+        decide_orientation(P, A, B, E4, sibling=bad_sib)
+    with pytest.raises(LayoutError, match="records orientation 'sideways'"):
+        decide_orientation(P, A, B, E4, recorded="sideways")
+    with pytest.raises(LayoutError, match="records orientation 'unknown'"):
+        decide_orientation(P, A, B, E4, recorded="unknown")
+
+
+@pytest.mark.parametrize(
+    ("version", "patched"),
+    [("4.57.6", False), ("5.0.0", True), ("5.3.0", True), ("5.12.1", True), ("5.13.0.dev0", True), ("5.13.0", False),
+     ("5.24.0", False), ("5.0.0.dev0", True)],
+)  # fmt: skip
+def test_transformers_patch_window(version, patched):
+    """peft.md §2.4: transformers' patch_moe_parameter_targeting exists in 5.0.0-5.12.1, removed in 5.13.0; dev
+    builds at either boundary may or may not have it, so they count as inside (the version rule is set aside)."""
+    assert transformers_may_force_swap(version) is patched
