@@ -16,22 +16,24 @@ Why a second kernel: the K-loop kernel of `grouped_gemm` runs the FP8 forward at
 K step per warp for a 64x128x128 tile (12 cp.async with 64-bit address arithmetic and masks, FMUL + FFMA per element
 for the two scales, a shared-memory round trip + barrier to re-layout the row scales) at 250 registers. This kernel
 loads the A and B tiles with TMA (host ``TensorDescriptor``s; one thread issues the bulk copies), folds the two
-scales into one per-row factor (the weight scale is a scalar per 128x128 block; BN = 256 is two 128-wide halves with
-one scalar each), loads the scales one K block ahead, and offers two promotion forms:
+scales into one per-row factor (the weight scale is a scalar per 128x128 block; the BN tile is computed as 64- or
+128-wide chunks with one scalar each), builds the tile -> expert map in one small launch, and offers two promotion
+forms:
 
 - ``rescale=False`` ("promote", the current kernel's numerics): ``acc += dot(a, b) * s[:, None]`` with s = sx * sw
   per row; each 128-K partial leaves the tensor cores in fp32 and is scaled and added by one FFMA per element. Costs
-  a second register tile (64 fp32 per thread per 64x128 warpgroup tile): 172 instructions per K step at 128x128
-  (178 registers), 128x256 spills (255 registers + 96 B).
+  a second register tile (64 fp32 per thread per 64x128 warpgroup tile): 165 instructions per K step at 128x128
+  (158 registers; 128 with CH = 64 chunks, i.e. two 8-warp CTAs per SM), 128x256 spills (255 registers + 88 B).
 - ``rescale=True`` (FAST ACCUMULATION): acc is kept in units of the current block's scale,
-  ``acc = dot(a, b, acc * (s_prev / s)[:, None])``, ``y = acc * s_last``: no second register tile (124 registers at
-  128x128, so two 8-warp CTAs per SM; 193 at 128x256, no spill). Exact in real arithmetic, but the running sum now
+  ``acc = dot(a, b, acc * (s_prev / s)[:, None])``, ``y = acc * s_last``: no second register tile (116 registers at
+  128x128, so two 8-warp CTAs per SM; 192 at 128x256, no spill). Exact in real arithmetic, but the running sum now
   goes through the tensor cores' fp8 accumulation on every wgmma, which keeps only ~14 bits (DeepSeek-V3 report),
   so its error grows with K: see the sweep's rel_err before making it a default.
 
-Triton serializes every wgmma of a K step (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` right after the 4 QGMMA, also when two
-K steps are unrolled by hand), so while one warpgroup promotes, only the OTHER warpgroups/CTAs of the SM feed the
-tensor cores: tile shape and CTAs per SM are what the variants vary. ``tl.range(warp_specialize=True)`` is not usable
+Triton waits for every wgmma of a K step right after issuing it (``WARPGROUP.DEPBAR.LE gsb0, 0x0``; unrolling two K
+steps by hand does not change that; only independent chunks of one tile get their wgmma issued during the previous
+chunk's promotion), so while one warpgroup promotes, mostly the OTHER warpgroups/CTAs of the SM feed the tensor
+cores: tile shape and CTAs per SM are what the variants vary. ``tl.range(warp_specialize=True)`` is not usable
 on Hopper in Triton 3.6 (ignored at 8 warps: identical SASS; the NVGPUWarpSpecialization pass fails at 4 warps).
 
 Schedule: no host sync. Program ``(pid_n, pid_m)`` (or, persistent, work item t = pid_m * n_tiles + pid_n walked by
@@ -76,7 +78,7 @@ class HopperFp8Config:
     load, a scan and three reductions with barriers before the first wgmma of every tile)."""
 
     BM: int = 128
-    BN: int = 256
+    BN: int = 128
     num_warps: int = 8
     num_stages: int = 3
     rescale: bool = False
@@ -99,7 +101,7 @@ class HopperFp8Config:
 # reports/bench/fp8-hopper-sweep-plan.md. "promote" variants keep the current kernel's numerics (every 128-K partial
 # promoted in fp32); "rescale" ones are FAST-ACCUMULATION: the running sum goes through the tensor cores' limited-
 # precision adder on every wgmma (DeepSeek-V3 report: ~14 bits retained on H800), more error as K grows. The sweep
-# marks a variant whose error exceeds 1.5x the current kernel's as LOSSY (not eligible as the default).
+# marks a variant whose fp32-output error exceeds 2x the current kernel's as LOSSY (not eligible as the default).
 VARIANTS: dict[str, HopperFp8Config] = {
     "t128x128_promote": HopperFp8Config(128, 128, 8, 3),
     "t128x128_promote_scan": HopperFp8Config(128, 128, 8, 3, tile_map=False),
