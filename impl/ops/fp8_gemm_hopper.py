@@ -273,7 +273,10 @@ def _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, st
               n_tiles_m, S, E, R, NOUT, K_END, n_tiles_n, TRANS, BM, BN, CH, E_P2, RESCALE, DOT_FP32, TILE_MAP)
 
 
-@triton.jit
+# Shape ints and scale strides are not specialized (by divisibility): one binary per variant serves every model
+# (the sweep compiles 8 variants, not 8 x 6 GEMM shapes); TMA coordinates and scalar scale loads gain nothing from it.
+@triton.jit(do_not_specialize=["stride_xsm", "stride_se", "stride_skb", "stride_snb", "n_tiles_m", "S", "E", "R",
+                               "NOUT", "KRED", "n_tiles_n", "n_work"])
 def _fp8_hopper_kernel(
     a_desc, xs_ptr, stride_xsm, stride_xsk,
     w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
