@@ -22,11 +22,11 @@ forms:
 
 - ``rescale=False`` ("promote", the current kernel's numerics): ``acc += dot(a, b) * s[:, None]`` with s = sx * sw
   per row; each 128-K partial leaves the tensor cores in fp32 and is scaled and added by one FFMA per element. Costs
-  a second register tile (64 fp32 per thread per 64x128 warpgroup tile): 165 instructions per K step at 128x128
-  (158 registers; 128 with CH = 64 chunks, i.e. two 8-warp CTAs per SM), 128x256 spills (255 registers + 88 B).
+  a second register tile (64 fp32 per thread per 64x128 warpgroup tile): 168 instructions per K step at 128x128
+  (155 registers; 127 with CH = 64 chunks, i.e. two 8-warp CTAs per SM), 128x256 spills (255 registers + 96 B).
 - ``rescale=True`` (FAST ACCUMULATION): acc is kept in units of the current block's scale,
-  ``acc = dot(a, b, acc * (s_prev / s)[:, None])``, ``y = acc * s_last``: no second register tile (116 registers at
-  128x128, so two 8-warp CTAs per SM; 192 at 128x256, no spill). Exact in real arithmetic, but the running sum now
+  ``acc = dot(a, b, acc * (s_prev / s)[:, None])``, ``y = acc * s_last``: no second register tile (110 registers at
+  128x128, so two 8-warp CTAs per SM; 188 at 128x256, no spill). Exact in real arithmetic, but the running sum now
   goes through the tensor cores' fp8 accumulation on every wgmma, which keeps only ~14 bits (DeepSeek-V3 report),
   so its error grows with K: see the sweep's rel_err before making it a default.
 
