@@ -5,7 +5,7 @@
 For each variant: registers per thread, spilled bytes (stack), dynamic shared memory, and the instruction mix of the
 hottest loop (the K loop: the innermost backward branch with QGMMA in it): QGMMA count, WARPGROUP.DEPBAR (a wait
 for the tensor cores), BAR.SYNC, FFMA/FMUL (the scale promotion), TMA (UTMALDG) vs cp.async (LDGSTS) loads, local
-memory (STL/LDL = spills). ``--current`` also compiles the K-loop kernel of `impl.ops.grouped_gemm` (its fp8_block
+memory (STL/LDL = spills). ``--current`` also compiles the K-loop kernel of `impl.ops.kloop` (its fp8_block
 prefill configs) for comparison. Uses Triton's own compile pipeline with target cuda:90 and the ptxas/cuobjdump
 that ship in Triton's wheel, with the argument specialization the JIT would apply (alignment, ints divisible by 16).
 The numbers are static (no timing): use them to read the sweep (bench/sweep_fp8.py), not instead of it.
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from impl.ops import fp8_gemm_hopper as hop  # noqa: E402
-from impl.ops import grouped_gemm as gg  # noqa: E402
+from impl.ops import kloop as gg  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -1,6 +1,6 @@
 """Block-FP8 grouped GEMM for Hopper: TMA tile loads, one fp32 accumulator, large tiles (forward of the FP8 experts).
 
-Same function as the ``fp8_block`` path of `impl.ops.grouped_gemm.grouped_mm` (rows sorted by expert, int32 END
+Same function as the ``fp8_block`` path of `impl.ops.dispatch.grouped_mm` (rows sorted by expert, int32 END
 ``offsets [E]``)::
 
     not trans:  y[m, n] = sum_kb sx[m, kb] * sw[e, n // 128, kb] * sum_{k in kb} xq[m, k] * q[e, n, k]   x [S, C] -> y [S, R]
@@ -11,7 +11,7 @@ weight codes ``q [E, R, C]`` e4m3 and ``sw = scale_inv [E, ceil(R/128), ceil(C/1
 Partial edge blocks: tile rows/columns past R, C or the expert's last row are computed and not stored; the K tail is
 zero-filled by the TMA descriptor of x (so a weight tile that reads past the expert's K extent is multiplied by 0).
 
-Why a second kernel: the K-loop kernel of `grouped_gemm` runs the FP8 forward at 36 % of the FP8 roofline on an H200
+Why a second kernel: the K-loop kernel (`impl.ops.kloop`) runs the FP8 forward at 36 % of the FP8 roofline on an H200
 (reports/bench/NOTES.md). Its sm_90a SASS (compiled on a CPU by bench/fp8_hopper_sass.py) has 282 instructions per
 K step per warp for a 64x128x128 tile (12 cp.async with 64-bit address arithmetic and masks, FMUL + FFMA per element
 for the two scales, a shared-memory round trip + barrier to re-layout the row scales) at 250 registers. This kernel
@@ -38,7 +38,7 @@ on Hopper in Triton 3.6 (ignored at 8 warps: identical SASS; the NVGPUWarpSpecia
 
 Schedule: no host sync. Program ``(pid_n, pid_m)`` (or, persistent, work item t = pid_m * n_tiles + pid_n walked by
 NUM_SMS * ctas_per_sm programs) finds its expert by a prefix sum over ``ceil(count_e / BM)``
-(`grouped_gemm._expert_tile`), either in the tile's own prologue or, ``tile_map``, in one small launch before
+(`jit_helpers.expert_tile`), either in the tile's own prologue or, ``tile_map``, in one small launch before
 (`expert_tile_map`); experts with no rows get no tiles; rows past ``offsets[-1]`` are not written.
 
 Under ``TRITON_INTERPRET=1`` (CPU) the dots run in fp32 (``dot_fp32``): the interpreter's fp8 ``tl.dot`` is unreliable.
@@ -53,15 +53,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from impl.ops.grouped_gemm import (
-    FMT_FP8,
-    FP8_BLOCK,
-    GroupedWeight,
-    _expert_tile,
-    _next_pow2,
-    interpret_mode,
-    quantize_act_1x128,
-)
+from impl.ops.formats import FMT_FP8, FP8_BLOCK, GroupedWeight, interpret_mode, next_pow2
+from impl.ops.jit_helpers import expert_tile
+from impl.ops.kloop import quantize_act_1x128
 
 TMA_ALIGN = 16  # bytes: base pointer and every leading stride of a TMA tensor
 
@@ -74,7 +68,7 @@ class HopperFp8Config:
     previous chunk's promotion when registers allow, and CH = 64 halves the register cost of that). ctas_per_sm:
     persistent only (grid = NUM_SMS * ctas_per_sm). maxnreg: register cap per thread (None = the compiler's choice;
     128 lets two 8-warp CTAs share an SM's 65536 registers). tile_map: each tile reads its (expert, rows) from a map
-    built by one small launch (`expert_tile_map`) instead of searching the offsets itself (`_expert_tile`: a vector
+    built by one small launch (`expert_tile_map`) instead of searching the offsets itself (`expert_tile`: a vector
     load, a scan and three reductions with barriers before the first wgmma of every tile)."""
 
     BM: int = 128
@@ -172,19 +166,19 @@ def _store_chunk(acc, s_last, y_ptr, stride_ym, stride_yn, rm, rmask, n_c, NOUT,
 @triton.jit
 def _tile_map_kernel(offs_ptr, map_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
     tm = tl.program_id(0)
-    e, row_start, row_end = _expert_tile(offs_ptr, tm, E, E_P2, BM)
+    e, row_start, row_end = expert_tile(offs_ptr, tm, E, E_P2, BM)
     tl.store(map_ptr + tm * 4, e)
     tl.store(map_ptr + tm * 4 + 1, row_start)
     tl.store(map_ptr + tm * 4 + 2, row_end)
 
 
 def expert_tile_map(offsets: torch.Tensor, rows: int, BM: int) -> torch.Tensor:
-    """int32 [cdiv(rows, BM) + E, 4]: for M tile tm, (expert e, first row, expert's end row, -) as `_expert_tile`
+    """int32 [cdiv(rows, BM) + E, 4]: for M tile tm, (expert e, first row, expert's end row, -) as `expert_tile`
     computes it from the END ``offsets`` (e >= E: no tile). One launch, no host sync; depends only on (offsets, BM)."""
     E = offsets.shape[0]
     n = triton.cdiv(rows, BM) + E
     tiles = torch.empty((n, 4), dtype=torch.int32, device=offsets.device)
-    _tile_map_kernel[(n,)](offsets, tiles, E, E_P2=max(16, _next_pow2(E)), BM=BM, num_warps=1)
+    _tile_map_kernel[(n,)](offsets, tiles, E, E_P2=max(16, next_pow2(E)), BM=BM, num_warps=1)
     return tiles
 
 
@@ -207,7 +201,7 @@ def _tile(t, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, 
         row_start = tl.load(map_ptr + tm * 4 + 1, mask=inside, other=0)
         row_end = tl.load(map_ptr + tm * 4 + 2, mask=inside, other=0)
     else:
-        e, row_start, row_end = _expert_tile(offs_ptr, tm, E, E_P2, BM)
+        e, row_start, row_end = expert_tile(offs_ptr, tm, E, E_P2, BM)
     if e < E:
         n0 = tn * BN
         rm = row_start + tl.arange(0, BM)
@@ -261,7 +255,7 @@ def _tiles(a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, st
            RESCALE: tl.constexpr, PERSISTENT: tl.constexpr, NPROG: tl.constexpr, DOT_FP32: tl.constexpr,
            TILE_MAP: tl.constexpr):
     if PERSISTENT:  # work items pid, pid + NPROG, ... (n tiles fastest: neighbours share the x tile); an item past
-        # the last tile finds e >= E in `_expert_tile` and does nothing
+        # the last tile finds e >= E in `expert_tile` and does nothing
         pid = tl.program_id(0)
         for t0 in range(0, W_END, NPROG):
             _tile(t0 + pid, a_desc, xs_ptr, stride_xsm, stride_xsk, w_desc, sw_ptr, stride_se, stride_skb, stride_snb,
@@ -345,7 +339,7 @@ def fp8_grouped_mm(
         raise TypeError(f"x dtype {x.dtype} not supported (bf16/fp16/fp32)")
     why = unsupported_reason(x, weight, trans)
     if why is not None:
-        raise ValueError(f"fp8_grouped_mm: {why}; use impl.ops.grouped_gemm.grouped_mm for these operands")
+        raise ValueError(f"fp8_grouped_mm: {why}; use impl.ops.dispatch.grouped_mm for these operands")
     cfg = VARIANTS[config] if isinstance(config, str) else (config or VARIANTS[DEFAULT_VARIANT])
     if dot_fp32 is None:
         dot_fp32 = interpret_mode()
@@ -384,7 +378,7 @@ def fp8_grouped_mm(
         out, out.stride(0), out.stride(1),
         offsets, tiles, n_tiles_m, S, E, R, nout, kred, n_tiles_n, n_work,
         K_LOOP=kred if interpret_mode() else 0, WORK_LOOP=n_work if interpret_mode() else 0,
-        TRANS=trans, BM=cfg.BM, BN=cfg.BN, CH=cfg.CH, E_P2=max(16, _next_pow2(E)), RESCALE=cfg.rescale,
+        TRANS=trans, BM=cfg.BM, BN=cfg.BN, CH=cfg.CH, E_P2=max(16, next_pow2(E)), RESCALE=cfg.rescale,
         PERSISTENT=cfg.persistent, NPROG=nprog, DOT_FP32=dot_fp32, TILE_MAP=cfg.tile_map,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )

@@ -31,7 +31,8 @@ from impl.ops.fp8_gemm_hopper import (  # noqa: E402
     fp8_grouped_mm,
     unsupported_reason,
 )
-from impl.ops.grouped_gemm import FMT_BF16, FMT_FP8, GroupedWeight, quantize_act_1x128  # noqa: E402
+from impl.ops.formats import FMT_BF16, FMT_FP8, GroupedWeight
+from impl.ops.kloop import quantize_act_1x128  # noqa: E402
 from reference import fp8 as rfp8  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -174,7 +175,7 @@ def test_unaligned_reduction_dim_is_refused_not_padded():
     gw, _ = fp8_weight(2, 128, 72)
     x = torch.randn(4, 72)
     assert "multiple of 16" in unsupported_reason(x, gw, False)
-    with pytest.raises(ValueError, match=r"reduction dim 72 .*use impl.ops.grouped_gemm.grouped_mm"):
+    with pytest.raises(ValueError, match=r"reduction dim 72 .*use impl.ops.dispatch.grouped_mm"):
         fp8_grouped_mm(x, gw, offsets_of([2, 2]))
     gw_t, _ = fp8_weight(2, 72, 128)  # trans: the reduction runs over R
     assert "reduction dim 72" in unsupported_reason(torch.randn(4, 72), gw_t, True)
