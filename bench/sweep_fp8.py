@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_moe import MODELS  # noqa: E402
+from impl.ops.dispatch import grouped_mm  # noqa: E402
 from impl.ops.fp8_gemm_hopper import DEFAULT_VARIANT, VARIANTS, fp8_grouped_mm  # noqa: E402
-from impl.ops.dispatch import grouped_mm
 from impl.ops.kloop import quantize_act_1x128  # noqa: E402
 from impl.ops.moe_layer import sort_pairs  # noqa: E402
 from impl.ops.quant import quantize_fp8_block_experts  # noqa: E402

@@ -8,10 +8,10 @@ Only impl's public functions are called (re-point the imports here when impl's m
   then ``impl.checkpoint.open_checkpoint`` + ``impl.adapter_dir.read_adapter`` + ``impl.merge.plan_merge`` (the
   decision) or ``impl.merge.merge_adapter`` (``merged_16bit``, fp32 out). impl's refusals (``impl.errors.MergeError``
   and its subclasses, ``CheckpointError``, ``LayoutError``) are scored as refusals.
-- LoRA forward: ``impl.peft_integration.wrapper_orientation`` on the live wrapper, then ``impl.forward.lora_delta``.
-- FP8: ``impl.quant_experts.FP8Weight`` (forward storage: quantize / dequantize); the merge path dequantizes and
+- LoRA forward: ``impl.peft_integration.wrapper_orientation`` on the live wrapper, then ``impl.forward.expert_lora`` and the CPU backend's grouped ``lora_delta`` (the model's path).
+- FP8: ``impl.storage.FP8Weight`` (forward storage: quantize / dequantize); the merge path dequantizes and
   requantizes through ``reference.fp8`` (``impl.merge`` imports those functions), so those ops call them.
-- NF4: ``impl.quant_experts.NF4Weight`` (quantize with bitsandbytes, dequantize through a flat state).
+- NF4: ``impl.storage.NF4Weight`` (quantize with bitsandbytes, dequantize through a flat state).
 
 Not implemented: the grouped-mm right-hand-side helper (impl's kernels read ``[E, K, N]`` row-major directly).
 """
@@ -46,7 +46,7 @@ UE8M0 = getattr(torch, "float8_e8m0fnu", None)
 def _refusals() -> tuple[type[BaseException], ...]:
     from impl.checkpoint import CheckpointError
     from impl.errors import MergeError
-    from impl.quant_experts import QuantizedExpertsError
+    from impl.storage import QuantizedExpertsError
     from reference.fp8 import FP8FormatError
     from reference.layout import LayoutError
 
@@ -143,8 +143,13 @@ class ImplSubject(Subject):
         (hit,) = [x for x in plan.expert_loras if x.param == lora.context.param]
         return hit.decision.orientation
 
+    def lora_B_convention(self, lora) -> str:
+        """How lora_B's columns are read per expert: what the adapter declares (impl honours its sidecar)."""
+        return lora.context.lora_B_convention
+
     def lora_forward(self, call: ForwardCall) -> torch.Tensor:
-        from impl.forward import LoraSpec, lora_delta
+        from impl.backends import get_backend, route
+        from impl.forward import LoraSpec, expert_lora
         from impl.peft_integration import wrapper_orientation
 
         lora = call.lora
@@ -153,17 +158,27 @@ class ImplSubject(Subject):
             o = wrapper_orientation(wrapper, "default")
         except _refusals() as exc:
             raise SubjectRefusal(f"{type(exc).__name__}: {exc}") from exc
-        counts = torch.bincount(call.expert_ids, minlength=lora.num_experts).tolist()
-        spec = LoraSpec(lora.lora_A, lora.lora_B, lora.scaling, o.value, lora.context.lora_B_convention)
+        convention = self.lora_B_convention(lora)
+        spec = LoraSpec(lora.lora_A, lora.lora_B, lora.scaling, o.value, convention)
+        # the model's CPU path: grouped LoRA through torch._grouped_mm; float64 only through the explicit loop backend
+        backend = "loop" if call.x.dtype == torch.float64 else "grouped_mm"
         self.record(
-            "from impl.forward import LoraSpec, lora_delta\nfrom impl.peft_integration import wrapper_orientation\n"
+            "from impl.backends import get_backend, route\nfrom impl.forward import LoraSpec, expert_lora\n"
+            "from impl.peft_integration import wrapper_orientation\n"
             f"o = wrapper_orientation(wrapper, 'default')  # {o.value}\n"
-            f"lora_delta(x, [LoraSpec(lora_A, lora_B, {lora.scaling}, o.value, {lora.context.lora_B_convention!r})], "
-            f"{counts}, "
-            f"{lora.num_experts}, {lora.context.layout!r})",
-            lora_A=lora.lora_A, lora_B=lora.lora_B, x=call.x,
+            f"lora = expert_lora([LoraSpec(lora_A, lora_B, {lora.scaling}, o.value, "
+            f"{convention!r})], {lora.num_experts}, {lora.context.layout!r}, x.shape[1])\n"
+            f"routing = route(expert_ids[:, None], {lora.num_experts})\n"
+            f"delta = get_backend({backend!r}).lora_delta(x[routing.token_idx], lora, routing)  # rows in expert order",
+            lora_A=lora.lora_A, lora_B=lora.lora_B, x=call.x, expert_ids=call.expert_ids,
         )  # fmt: skip
-        return lora_delta(call.x, [spec], counts, lora.num_experts, lora.context.layout)
+        try:
+            factors = expert_lora([spec], lora.num_experts, lora.context.layout, call.x.shape[1])
+        except _refusals() as exc:
+            raise SubjectRefusal(f"{type(exc).__name__}: {exc}") from exc
+        routing = route(call.expert_ids.reshape(-1, 1), lora.num_experts)
+        delta = get_backend(backend).lora_delta(call.x[routing.token_idx], factors, routing)
+        return torch.empty_like(delta).index_copy(0, routing.token_idx, delta)  # back to the caller's row order
 
     def merge_per_expert(self, call: PerExpertMergeCall) -> MergeResult:
         lora = next(iter(call.adapters.values()))
@@ -203,12 +218,12 @@ class ImplSubject(Subject):
             raise SubjectRefusal(f"{type(exc).__name__}: {exc}") from exc
 
     def fp8_dequant_expert(self, call: FP8Call) -> torch.Tensor:
-        from impl.quant_experts import FP8Weight
+        from impl.storage import FP8Weight
 
         if call.block is None or call.scale_inv.ndim != 2:
-            raise SubjectRefusal("impl.quant_experts.FP8Weight stores block scales only (no per-row / per-tensor)")
+            raise SubjectRefusal("impl.storage.FP8Weight stores block scales only (no per-row / per-tensor)")
         self.record(
-            "from impl.quant_experts import FP8Weight\n"
+            "from impl.storage import FP8Weight\n"
             f"FP8Weight(q[None], scale_inv[None], {call.block}).dequantize(torch.float32)[0]",
             q=call.q, scale_inv=call.scale_inv,
         )  # fmt: skip
@@ -226,10 +241,10 @@ class ImplSubject(Subject):
         return requantize_fp8_block(call.w, call.block, ue8m0=ue8m0)
 
     def nf4_dequant(self, call: NF4Call) -> torch.Tensor:
-        from impl.quant_experts import NF4Weight
+        from impl.storage import NF4Weight
 
         self.record(
-            "from impl.quant_experts import NF4Weight\n"
+            "from impl.storage import NF4Weight\n"
             f"NF4Weight(w, blocksize={call.blocksize}).dequantize({call.dtype})",
             w=call.weight,
         )  # fmt: skip

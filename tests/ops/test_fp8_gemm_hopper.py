@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+from impl.ops.formats import FMT_BF16, FMT_FP8, GroupedWeight
 from impl.ops.fp8_gemm_hopper import (  # noqa: E402
     DEFAULT_VARIANT,
     VARIANTS,
@@ -31,7 +32,6 @@ from impl.ops.fp8_gemm_hopper import (  # noqa: E402
     fp8_grouped_mm,
     unsupported_reason,
 )
-from impl.ops.formats import FMT_BF16, FMT_FP8, GroupedWeight
 from impl.ops.kloop import quantize_act_1x128  # noqa: E402
 from reference import fp8 as rfp8  # noqa: E402
 

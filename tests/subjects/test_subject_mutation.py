@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 
 from harness.subjects import registry  # noqa: E402
 from harness.subjects.impl_subject import ImplSubject  # noqa: E402
-from harness.subjects.interface import ForwardCall, FP8Call, Op  # noqa: E402
+from harness.subjects.interface import FP8Call, Op  # noqa: E402
 from tests.subjects.cases import all_cases  # noqa: E402
 from tests.subjects.verdict import cached, evaluate  # noqa: E402
 
@@ -30,17 +30,10 @@ FLAGGED = ("disagree", "crash")
 class ContiguousRForward(ImplSubject):
     """impl with one bug: the LoRA forward reads lora_B's columns contiguous-r (unsloth-zoo before 2026.9.6)."""
 
-    def lora_forward(self, call: ForwardCall) -> torch.Tensor:
-        from impl.forward import LoraSpec, lora_delta
-        from impl.peft_integration import wrapper_orientation
+    def lora_B_convention(self, lora) -> str:
         from reference.lora import CONTIGUOUS_R
 
-        lora = call.lora
-        o = wrapper_orientation(lora.peft.wrappers[f"{lora.context.param}_proj"], "default")
-        counts = torch.bincount(call.expert_ids, minlength=lora.num_experts).tolist()
-        spec = LoraSpec(lora.lora_A, lora.lora_B, lora.scaling, o.value, CONTIGUOUS_R)
-        self.record("lora_delta(x, [LoraSpec(..., 'contiguous_r')], ...)", x=call.x)
-        return lora_delta(call.x, [spec], counts, lora.num_experts, lora.context.layout)
+        return CONTIGUOUS_R
 
 
 class ReciprocalScale(ImplSubject):
