@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from impl.ops.formats import FMT_BF16, FMT_NF4, GroupedWeight, interpret_mode
+from impl.ops.formats import FMT_BF16, FMT_NF4, GroupedWeight, check_operands, interpret_mode
 from impl.ops.kloop import TileConfig, kloop_mm, launch_config, lora_unfusable_reason, uses_act_prequant
 from impl.ops.nf4_decode import nf4_decode_mm
 
@@ -62,19 +62,7 @@ def grouped_mm(
     fp8_block: ``act_prequant`` quantizes x (1x128) in a separate pass first (default: when the mean rows per expert
     exceed 16, where quantizing in every N tile would cost more than one extra pass over x).
     """
-    E, R, C = weight.shape
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [S, K], got shape {tuple(x.shape)}")
-    S, kred = x.shape
-    want_k = R if trans else C
-    if kred != want_k:
-        raise ValueError(f"x {tuple(x.shape)} does not match weight {weight.shape} (trans={trans}): need K={want_k}")
-    if offsets.dtype != torch.int32 or offsets.shape != (E,):
-        raise ValueError(f"offsets must be int32 [E={E}], got {offsets.dtype} {tuple(offsets.shape)}")
-    if offsets.device != x.device:
-        raise ValueError(f"offsets on {offsets.device}, x on {x.device}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"x dtype {x.dtype} not supported (bf16/fp16/fp32)")
+    S, _ = check_operands(x, weight, offsets, trans)
     if dot_fp32 is None:
         dot_fp32 = interpret_mode()
     if nf4_decode_route(weight, trans, S, config):  # it validates its own arguments

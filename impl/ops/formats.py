@@ -82,6 +82,23 @@ class GroupedWeight:
         return n
 
 
+def check_operands(x: torch.Tensor, weight: GroupedWeight, offsets: torch.Tensor, trans: bool) -> tuple[int, int]:
+    """Validate a grouped GEMM's operands; returns (S, N). x [S, K] bf16/fp16/fp32 with K = R (``trans``) or C,
+    offsets int32 [E] on x's device (as is the weight)."""
+    E, R, C = weight.shape
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [S, K], got shape {tuple(x.shape)}")
+    nout, want_k = (C, R) if trans else (R, C)
+    if x.shape[1] != want_k:
+        raise ValueError(f"x {tuple(x.shape)} does not match weight {weight.shape} (trans={trans}): need K={want_k}")
+    if offsets.dtype != torch.int32 or offsets.shape != (E,):
+        raise ValueError(f"offsets must be int32 [E={E}], got {offsets.dtype} {tuple(offsets.shape)}")
+    if offsets.device != x.device or weight.data.device != x.device:
+        raise ValueError(f"offsets on {offsets.device}, weight on {weight.data.device}, x on {x.device}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x dtype {x.dtype} not supported (bf16/fp16/fp32)")
+    return x.shape[0], nout
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from impl.ops.formats import FMT_FP8, FP8_BLOCK, GroupedWeight, interpret_mode, next_pow2
+from impl.ops.formats import FMT_FP8, FP8_BLOCK, GroupedWeight, check_operands, interpret_mode, next_pow2
 from impl.ops.jit_helpers import expert_tile
 from impl.ops.kloop import quantize_act_1x128
 
@@ -325,18 +325,8 @@ def fp8_grouped_mm(
     Raises ValueError where `unsupported_reason` names a reason (route those to `grouped_mm`).
     """
     E, R, C = weight.shape
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [S, K], got shape {tuple(x.shape)}")
-    S, kred = x.shape
-    nout, want_k = (C, R) if trans else (R, C)
-    if kred != want_k:
-        raise ValueError(f"x {tuple(x.shape)} does not match weight {weight.shape} (trans={trans}): need K={want_k}")
-    if offsets.dtype != torch.int32 or offsets.shape != (E,):
-        raise ValueError(f"offsets must be int32 [E={E}], got {offsets.dtype} {tuple(offsets.shape)}")
-    if offsets.device != x.device or weight.data.device != x.device:
-        raise ValueError(f"offsets on {offsets.device}, weight on {weight.data.device}, x on {x.device}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"x dtype {x.dtype} not supported (bf16/fp16/fp32)")
+    S, nout = check_operands(x, weight, offsets, trans)
+    kred = x.shape[1]
     why = unsupported_reason(x, weight, trans)
     if why is not None:
         raise ValueError(f"fp8_grouped_mm: {why}; use impl.ops.dispatch.grouped_mm for these operands")
