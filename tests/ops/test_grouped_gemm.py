@@ -160,6 +160,18 @@ def test_shape_errors_name_shapes():
     with pytest.raises(ValueError, match="multiple of the blocksize"):
         GroupedWeight(FMT_NF4, (2, 64, 96), torch.zeros(2 * 64 * 48, dtype=torch.uint8), torch.zeros(192),
                       rnf4.NF4_CODE)
+    with pytest.raises(ValueError, match=r"need K=64"):  # trans=True reduces over R = 64, not C = 128
+        grouped_mm(torch.randn(4, 128), gw, offsets_of([2, 2]), trans=True)
+    with pytest.raises(ValueError, match="2-D"):
+        grouped_mm(torch.randn(2, 2, 128), gw, offsets_of([2, 2]))
+    with pytest.raises(TypeError, match="float64"):
+        grouped_mm(torch.randn(4, 128, dtype=torch.float64), gw, offsets_of([2, 2]))
+    with pytest.raises(ValueError, match="offsets on meta"):  # a device mismatch is refused before any launch
+        grouped_mm(torch.randn(4, 128), gw, offsets_of([2, 2]).to("meta"))
+    gw_meta = GroupedWeight(FMT_NF4, (2, 64, 128), torch.empty(2 * 64 * 64, dtype=torch.uint8, device="meta"),
+                            torch.empty(256, device="meta"), rnf4.NF4_CODE)
+    with pytest.raises(ValueError, match="weight on meta"):
+        grouped_mm(torch.randn(4, 128), gw_meta, offsets_of([2, 2]))
 
 
 def test_nf4_accepts_2pow31_elements():
