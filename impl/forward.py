@@ -56,13 +56,16 @@ def lora_attached(module, name: str, specs: list[LoraSpec]) -> Iterator[None]:
         module._lora[name] = []
 
 
-def expert_lora(specs: list[LoraSpec], num_experts: int, layout: str, in_features: int) -> ExpertLoRA | None:
+def expert_lora(
+    specs: list[LoraSpec], num_experts: int, layout: str, in_features: int, out_features: int | None = None
+) -> ExpertLoRA | None:
     """The adapters of one weight as ``Δy_e = s·(x_e @ down_e) @ up_e`` (down ``[E, in, r]``, up ``[E, r, out]``).
 
     If the orientation is the layout's semantic one, lora_A spans the input (``down = A_eᵀ``, ``up = B_eᵀ``);
     otherwise lora_B does (``down = B_e``, ``up = A_e``). Several active adapters are stacked along the rank, each
     ``up`` multiplied by its scaling (exactly the sum of their deltas). Factors whose input side does not have
-    ``in_features`` raise (neither orientation fits the rows): LoRA is never dropped silently.
+    ``in_features`` or (where given) whose output side does not have ``out_features`` raise: LoRA is never dropped
+    silently, and a delta never fails later as a bare broadcasting error.
     """
     if not specs:
         return None
@@ -77,6 +80,12 @@ def expert_lora(specs: list[LoraSpec], num_experts: int, layout: str, in_feature
             raise QuantizedExpertsError(
                 f"LoRA factors lora_A {tuple(spec.lora_A.shape)}, lora_B {tuple(spec.lora_B.shape)} "
                 f"({spec.orientation}, layout {layout}) expect {down.shape[1]} input features, rows have {in_features}"
+            )
+        if out_features is not None and up.shape[2] != out_features:
+            raise QuantizedExpertsError(
+                f"LoRA factors lora_A {tuple(spec.lora_A.shape)}, lora_B {tuple(spec.lora_B.shape)} "
+                f"({spec.orientation}, layout {layout}) give {up.shape[2]} output features, the weight has "
+                f"{out_features}"
             )
         downs.append(down)
         ups.append(up)
@@ -114,7 +123,8 @@ def _layout(module) -> str:
 def _project(module, b: Backend, name: str, x_g, routing: Routing) -> torch.Tensor:
     weight = module.storage(name)
     dtype = module.compute_dtype
-    lora = expert_lora(module._lora[name], module.num_experts, _layout(module), x_g.shape[1])
+    out_features = weight.shape[2] if module.is_transposed else weight.shape[1]  # [E, in, out] / [E, out, in]
+    lora = expert_lora(module._lora[name], module.num_experts, _layout(module), x_g.shape[1], out_features)
     y = b.project(x_g, weight, routing, module.is_transposed, dtype, lora)
     bias = module.bias(name)
     if bias is not None:

@@ -321,7 +321,9 @@ def test_square_experts_decided_by_the_non_square_sibling(tmp_path, family, vari
     # a version whose rule names the other orientation for both is_transposed values contradicts the sibling
     layout = zoo.describe(model)["layout"]
     transposed = (True, False) if layout == "gpt_oss" else (False,)
-    live_swaps = peft_swaps(peft.__version__, 3, layout == "gpt_oss")
+    # the attribute PEFT read when it saved: 5.x GPT-OSS experts set is_transposed, 4.57's have none (False)
+    experts = next(m for m in live.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter))
+    live_swaps = peft_swaps(peft.__version__, 3, getattr(experts, "is_transposed", False))
     liars = [v for v in ("0.18.1", "0.19.0", "0.21.2") if {peft_swaps(v, 3, t) for t in transposed} == {not live_swaps}]
     for v in liars:
         _set_peft_version(tmp_path / "ad", v)

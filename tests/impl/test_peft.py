@@ -38,6 +38,7 @@ pytestmark = pytest.mark.upstream
 FAMILY = FUSED_FAMILY
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+PEFT_RULES = ("0.18.1", "0.19.0", "0.21.2")  # one release per swap rule of reference.layout.peft_swaps
 PROJ = torch.randn(2, 10, 128, generator=torch.Generator().manual_seed(1))
 PEFT_VER = parse_version(peft.__version__)[0]
 TF_VER = parse_version(transformers.__version__)[0]
@@ -174,7 +175,8 @@ def _as_other_peft_version(src, dst):
     # the version that saves that orientation (every target of the tiny model has the same is_transposed)
     (t,) = {e["is_transposed"] for e in info["adapters"]["default"].values()}
     (other,) = {e["orientation"] for e in info["adapters"]["default"].values()}
-    info["peft_version"] = next(v for v in ("0.18.1", "0.21.2") if peft_swaps(v, 3, t) == (other == "swapped"))
+    # 0.19.0 included: GPT-OSS (is_transposed) swaps only under 0.19.0 (4.57, whose only fused family it is)
+    info["peft_version"] = next(v for v in PEFT_RULES if peft_swaps(v, 3, t) == (other == "swapped"))
     dst.mkdir()
     save_file(sd, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((src / "adapter_config.json").read_text())
@@ -256,20 +258,22 @@ def test_plain_peft_adapter_loads_and_can_write_its_sidecar(tmp_path):
     assert len(targets) == len(quantized_wrappers(pm))  # one per ParamWrapper (gate_up and down per layer)
     assert all("shapes" in t["decided_by"] for t in targets.values())  # tiny 2i_ne_h experts: non-square
     assert torch.equal(load_adapter(_base("nf4"), str(tmp_path / "a"))(IDS).logits, live)
-    # a peft_version whose rule names the other orientation contradicts the (non-square) shapes
+    # a peft_version whose rule names the other orientation contradicts the (non-square) shapes; a plain save does
+    # not record is_transposed, so for (E, in, out) experts the rule must name it for both values (none does where
+    # the live PEFT does not swap: 4.57's GPT-OSS under 0.18 / 0.19.1+, checked by the assert)
     os.remove(tmp_path / "a" / SIDECAR)
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     q = quantized_wrappers(pm)[0][1].get_base_layer()
-    liar = next(
-        v
-        for v in ("0.18.1", "0.21.2")
-        if peft_swaps(v, 3, q.is_transposed) != peft_swaps(peft.__version__, 3, q.is_transposed)
-    )
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": liar}))
-    before = tree_digest(tmp_path / "a")
-    with pytest.raises(LayoutError, match=rf"orientation sources disagree: the shapes say .*peft_version {liar}"):
-        load_adapter(_base("nf4"), str(tmp_path / "a"))
-    assert tree_digest(tmp_path / "a") == before
+    live_swaps = peft_swaps(peft.__version__, 3, q.is_transposed)
+    unknown = (True, False) if q.is_transposed else (False,)
+    liars = [v for v in PEFT_RULES if {peft_swaps(v, 3, t) for t in unknown} == {not live_swaps}]
+    assert liars or q.is_transposed
+    for liar in liars:
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": liar}))
+        before = tree_digest(tmp_path / "a")
+        with pytest.raises(LayoutError, match=rf"orientation sources disagree: the shapes say .*peft_version {liar}"):
+            load_adapter(_base("nf4"), str(tmp_path / "a"))
+        assert tree_digest(tmp_path / "a") == before
 
 
 def test_repeated_forward_is_stable_and_leaves_no_parametrization():
