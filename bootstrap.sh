@@ -14,4 +14,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements/base.txt
   echo "$want" > "$stamp"
 fi
-.venv/bin/python -c "import torch, bitsandbytes, nox, hypothesis; print('base env ok: torch', torch.__version__, '| bitsandbytes', bitsandbytes.__version__)" 2>/dev/null
+.venv/bin/python -c "import torch, bitsandbytes, nox, hypothesis, xdist; print('base env ok: torch', torch.__version__, '| bitsandbytes', bitsandbytes.__version__)" 2>/dev/null

@@ -23,6 +23,7 @@ shares the base interpreter's torch through a .pth file and never installs one.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def tests(session: nox.Session) -> None:
 
     session.log("building/reusing the tests venv (.envs/tests), sharing the base torch")
     env = ensure_env("tests", _requirements(ROOT / "requirements" / "tests.txt"))
-    args = session.posargs or ["tests"]
+    # the whole suite: one worker per core (at most 4); --dist loadfile keeps a file's module fixtures (the
+    # synthetic wheels and cell runs of test_prerelease / test_bisect) in one worker, built once
+    workers = max(1, min(4, os.cpu_count() or 1))
+    args = session.posargs or ["-n", str(workers), "--dist", "loadfile", "tests"]
     session.run(str(env.python), "-m", "pytest", "-p", "no:cacheprovider", "-p", "harness.pytest_plugin", *args,
                 external=True,
                 env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
