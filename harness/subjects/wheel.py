@@ -22,6 +22,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import types
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -42,35 +44,51 @@ def unpacked_dir(dist: str, version: str, cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / f"{dist}-{version}"
 
 
+_FETCH_LOCKS: dict[Path, threading.Lock] = {}
+_FETCH_LOCKS_GUARD = threading.Lock()
+
+
 def fetch(dist: str, version: str, *, cache: Path | None = None, timeout: float = 600) -> Path:
-    """The unpacked wheel of ``dist==version`` (downloaded once into the cache); raises SubjectLoadError."""
+    """The unpacked wheel of ``dist==version`` (downloaded once into the cache); raises SubjectLoadError.
+
+    Matrix cells run as threads of one process and several cells share a subject version: one lock per cache entry
+    makes them download it once, and each download works in its own temporary directory (other processes may fetch
+    the same entry; the last complete rename wins, every copy being the same wheel)."""
     dest = unpacked_dir(dist, version, cache)
-    if (dest / ".complete").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    with _FETCH_LOCKS_GUARD:
+        lock = _FETCH_LOCKS.setdefault(dest.resolve(), threading.Lock())
+    with lock:
+        if (dest / ".complete").exists():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        try:
+            return _download(dist, version, dest, tmp, timeout)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download(dist: str, version: str, dest: Path, tmp: Path, timeout: float) -> Path:
     (tmp / "wheel").mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", "-d", str(tmp / "wheel"), f"{dist}=={version}"]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise SubjectLoadError(f"pip download of {dist}=={version} timed out after {timeout:.0f}s") from exc
     wheels = sorted((tmp / "wheel").glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
-        shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
         raise SubjectLoadError(f"could not download the wheel of {dist}=={version} ({' '.join(cmd)}): "
                                f"exit {proc.returncode}, wheels {[w.name for w in wheels]}\n{tail}")
     unpack(wheels[0], tmp / "tree")
     check_version(tmp / "tree", dist, version)
     (tmp / "tree" / ".wheel").write_text(wheels[0].name + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
+    (tmp / "tree" / ".complete").write_text("ok\n")
+    if (dest / ".complete").exists():  # another process finished first: keep its copy (it may be in use)
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete earlier attempt
     os.replace(tmp / "tree", dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (dest / ".complete").write_text("ok\n")
     return dest
 
 

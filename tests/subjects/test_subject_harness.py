@@ -4,9 +4,12 @@ and its runner hook (the subject is fetched, not installed, and reaches the cell
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -133,6 +136,27 @@ def test_fetch_uses_the_cache_and_reports_download_failures(tmp_path, monkeypatc
     with pytest.raises(SubjectLoadError, match="No matching distribution"):
         wheel.fetch("zz", "2.0", cache=tmp_path)
     assert calls and "--no-deps" in calls[0][0] and not (tmp_path / "zz-2.0").exists()
+
+
+def test_concurrent_fetches_of_one_version_download_once(tmp_path, monkeypatch):
+    """Cells are threads of one process and share subject versions (seen: a cell's fetch deleted another's download,
+    'exit 0, wheels []'): concurrent fetches of one version download it once and all get the unpacked tree."""
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        time.sleep(0.2)  # the other threads arrive while this download runs
+        out = Path(cmd[cmd.index("-d") + 1])
+        shutil.copy(make_wheel(tmp_path, "zz", "3.0", {"__init__.py": ""}), out)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: wheel.fetch("zz", "3.0", cache=cache), range(4)))
+    assert len(calls) == 1 and set(got) == {cache / "zz-3.0"}
+    assert (cache / "zz-3.0" / ".complete").exists() and (cache / "zz-3.0" / "zz" / "__init__.py").exists()
+    assert sorted(p.name for p in cache.iterdir()) == ["zz-3.0"]  # no temporary directory left behind
 
 
 # --- the subject axis ---------------------------------------------------------------------------------------------
