@@ -503,7 +503,11 @@ def test_gpu_matches_cpu_with_lora(kind):
     assert q.gate_up_proj.device.type == "cuda" and q.storage("gate_up_proj").device.type == "cuda"
     gpu = pm(GPU_IDS.cuda(), labels=GPU_IDS.cuda())
     gpu.loss.backward()
-    assert rel_err(gpu.logits.cpu(), cpu.logits) <= REL_TOL[BF16]
+    # bf16 bound; FP8: the CUDA kernel also quantizes the activations to e4m3 1x128 (3 mantissa bits: RMS rounding
+    # 2^-4/sqrt(3) ~ 3.6 % per GEMM input) and the CPU grouped_mm does not: 0.1 as in tests/ops/test_model_dispatch.py
+    # (measured 0.062 on the logits, H100, 2026-12-05)
+    tol = 0.1 if kind == "fp8" else REL_TOL[BF16]
+    assert rel_err(gpu.logits.cpu(), cpu.logits) <= tol
     for n, p in pm.named_parameters():
         if n in cpu_grads and "lora_" in n:
-            assert rel_err(p.grad.cpu(), cpu_grads[n]) <= 4 * REL_TOL[BF16], n
+            assert rel_err(p.grad.cpu(), cpu_grads[n]) <= 4 * tol, n

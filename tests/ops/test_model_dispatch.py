@@ -128,6 +128,10 @@ if kind == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
 else:
     impl.quantize_experts(m, cfg)
 pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_parameters=TARGETS)).cuda()
+with torch.no_grad():  # PEFT's zero lora_B would make every lora_A gradient exactly 0
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.05)
 ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0)).cuda()
 before = "impl.ops.backend" in sys.modules
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
