@@ -10,6 +10,7 @@ import torch
 from impl.quant_experts import QuantizedExperts
 from impl.storage import DenseConfig, FP8Config, NF4Config
 from reference import experts as ref_experts
+from reference.layout import peft_swaps
 from reference.lora import LoraFactors
 from tests.support import zoo
 
@@ -23,6 +24,15 @@ F64 = torch.float64
 # gate, product, LoRA add) whose errors add in quadrature with random signs: 2^-8 * sqrt(6) ≈ 1e-2; bound 2e-2.
 # fp32: 2^-24 per rounding, GEMMs over <= 2I = 512 terms: sqrt(512)*6e-8 ≈ 1.4e-6; bound 1e-5.
 REL_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+PEFT_RULES = ("0.18.1", "0.19.0", "0.21.2")  # one release per swap rule of reference.layout.peft_swaps
+
+
+def contradicting_peft_versions(live_swaps: bool, is_transposed: tuple[bool, ...]) -> list[str]:
+    """PEFT releases whose rule names the other orientation than ``live_swaps`` for every ``is_transposed`` value a
+    reader may assume (both when the checkpoint does not tell it): a peft_version that must be refused."""
+    return [v for v in PEFT_RULES if {peft_swaps(v, 3, t) for t in is_transposed} == {not live_swaps}]
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
